@@ -1,0 +1,106 @@
+"""`DeepSeekV4TransformerConfig`: Megatron-Core's TransformerConfig plus the DeepSeek-V4 fields.
+
+Field names follow the official `config.json` where Megatron-Core has no
+field of its own; Megatron-Core's own fields (hidden_size, num_attention_heads,
+num_moe_experts, moe_router_topk, layernorm_epsilon, mtp_num_layers, ...) keep
+their meaning. `kv_channels` is the attention head dim (512 in the real models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+
+SLIDING, CSA, HCA = 0, 4, 128
+SUPPORTED_COMPRESS_RATIOS = (SLIDING, CSA, HCA)
+
+
+@dataclass
+class DeepSeekV4TransformerConfig(TransformerConfig):
+    """Megatron-Core config of a DeepSeek-V4 model (V4-Flash, V4-Pro, or smaller of the same design)."""
+
+    # Attention (section 3 of the spec)
+    q_lora_rank: int = 1024
+    qk_rope_head_dim: int = 64
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    sliding_window: int = 128
+    compress_ratios: list[int] = field(default_factory=list)
+    """One entry per decoder layer: 0 sliding window only, 4 CSA, 128 HCA (MTP layers are always 0)."""
+
+    # Lightning indexer (CSA layers)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+
+    # RoPE: plain `rope_theta` on sliding layers, `compress_rope_theta` + YaRN on compressed ones
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    yarn_factor: float | None = 16.0
+    """None disables YaRN (frequencies are then plain compress_rope_theta)."""
+    yarn_original_max_position_embeddings: int = 65536
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+
+    # Manifold-constrained hyper-connections (section 2)
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+
+    # MoE (section 4)
+    num_hash_layers: int = 3
+    swiglu_limit: float = 10.0
+
+    def __post_init__(self):
+        self.normalization = "RMSNorm"
+        self.gated_linear_unit = True
+        self.activation_func = F.silu
+        self.add_bias_linear = False
+        self.add_qkv_bias = False
+        if self.num_moe_experts:
+            self.moe_router_score_function = "sqrtsoftplus"
+            self.moe_router_pre_softmax = False
+        super().__post_init__()
+        self._validate_deepseek_v4()
+
+    def _validate_deepseek_v4(self) -> None:
+        if len(self.compress_ratios) != self.num_layers:
+            raise ValueError(
+                f"compress_ratios has {len(self.compress_ratios)} entries but num_layers is "
+                f"{self.num_layers}; give one ratio (0, 4 or 128) per decoder layer"
+            )
+        bad = sorted({r for r in self.compress_ratios if r not in SUPPORTED_COMPRESS_RATIOS})
+        if bad:
+            raise ValueError(
+                f"compress_ratios contains {bad}; DeepSeek-V4 layers use 0 (sliding), 4 (CSA) or 128 (HCA)"
+            )
+        if self.kv_channels is None or self.qk_rope_head_dim > self.kv_channels:
+            raise ValueError(
+                f"qk_rope_head_dim={self.qk_rope_head_dim} must be <= kv_channels (head dim) "
+                f"={self.kv_channels}"
+            )
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even (rotated in pairs)")
+        if self.num_attention_heads % self.o_groups:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"o_groups={self.o_groups}; choose o_groups among the divisors of the head count"
+            )
+        if not 0 <= self.num_hash_layers <= self.num_layers:
+            raise ValueError(
+                f"num_hash_layers={self.num_hash_layers} must be between 0 and num_layers={self.num_layers}"
+            )
+        if self.hc_mult < 1 or self.hc_sinkhorn_iters < 1:
+            raise ValueError(
+                f"hc_mult={self.hc_mult} and hc_sinkhorn_iters={self.hc_sinkhorn_iters} must be >= 1"
+            )
+
+    @property
+    def is_hash_layer(self) -> list[bool]:
+        return [i < self.num_hash_layers for i in range(self.num_layers)]
+
+    def replace(self, **changes) -> "DeepSeekV4TransformerConfig":
+        return dataclasses.replace(self, **changes)
