@@ -1,0 +1,422 @@
+"""DeepSeek-V4 hybrid attention (spec section 3) as a Megatron-Core module.
+
+One class serves the three layer types; `compress_ratios[layer_number - 1]`
+picks the type:
+
+- ratio 0, sliding window: each query t reads the keys at t-window+1 .. t;
+- ratio 4, CSA: the window plus the lightning indexer's top-k compressed entries;
+- ratio 128, HCA: the window plus every visible compressed entry.
+
+All types share: low-rank query (linear_q_down_proj -> q_layernorm ->
+linear_q_up_proj) with a weightless RMS norm per head; a single KV head
+(linear_kv -> kv_layernorm) read as both key and value; RoPE on the last
+qk_rope_head_dim channels; a learned per-head sink logit that joins the softmax
+denominator only; the inverse RoPE on the output; and a grouped output
+projection (linear_o_down_proj per head group, then linear_proj).
+
+Cost per query token (H heads of width c, window W, k = index_topk, n = number
+of visible compressed entries, n_I/c_I indexer heads/width). No [seq, seq]
+score matrix is ever built: queries are processed in blocks of W, each block
+reading the 2W-1 keys its window can reach.
+
+- sliding: scores/probabilities H*(2W-1); ~4*H*c*(2W-1) FLOPs (QK and PV, about
+  twice the minimal 4*H*c*W because a block reads the union of its windows);
+  key/value memory: the blocked copy of the single KV head, ~2*c per token.
+- CSA: sliding + indexer + k entries. Indexer: ~2*n_I*c_I*n FLOPs, transient
+  n_I*n scores (128 queries at a time, no autograd); attention: the k picked
+  entries are gathered per query (k*c memory, kept for backward), H*k scores,
+  ~4*H*c*k FLOPs. n ~ t/4 for query t.
+- HCA: sliding + all n ~ t/128 entries (shared by all queries, no gather):
+  H*n scores, ~4*H*c*n FLOPs.
+- compressors: ~2*coff*c*D FLOPs per token (coff = 2 for CSA, 1 for HCA) twice (kv, gate).
+
+Tensor parallelism: query heads, sinks, output groups and indexer heads are split
+over the tensor-parallel ranks; the KV head, compressors and q_down are
+replicated. Replicated tensors that feed per-rank heads pass through
+`copy_to_tensor_model_parallel_region`, so their gradients (and the input's) are
+summed over the ranks. Sequence and context parallelism are not supported yet.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
+
+from megatron_v4.compressor import DSv4Compressor, DSv4CompressorSubmodules, build_replicated_linear
+from megatron_v4.config import CSA, SLIDING, DeepSeekV4TransformerConfig
+from megatron_v4.indexer import DSv4Indexer, DSv4IndexerSubmodules
+from megatron_v4.rope import DSv4RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class DSv4HybridSelfAttentionSubmodules:
+    """Building blocks of the hybrid attention; see `get_dsv4_attention_spec`."""
+
+    linear_q_down_proj: ModuleSpec | type = None
+    q_layernorm: ModuleSpec | type = None
+    linear_q_up_proj: ModuleSpec | type = None
+    linear_kv: ModuleSpec | type = None
+    kv_layernorm: ModuleSpec | type = None
+    linear_o_down_proj: ModuleSpec | type = None
+    linear_proj: ModuleSpec | type = None
+    compressor: ModuleSpec | type = None
+    indexer: ModuleSpec | type = None
+
+
+class GroupedColumnParallelLinear(ColumnParallelLinear):
+    """Block-diagonal linear: one [R, in] matrix per head group (the checkpoint's wo_a).
+
+    The weight is stored stacked, [num_groups * R, in], so that the column-parallel split
+    of its first dim hands each tensor-parallel rank whole groups: exactly the groups of
+    the heads that rank owns. forward(x [..., local groups, in]) -> ([..., local groups * R], None).
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, num_groups: int, **kwargs):
+        super().__init__(input_size, output_size, **kwargs)
+        tp_size = self.tp_group.size()
+        if num_groups % tp_size:
+            raise ValueError(
+                f"o_groups={num_groups} is not divisible by the tensor-parallel size {tp_size}; "
+                f"choose a tensor-parallel size that divides o_groups"
+            )
+        self.local_groups = num_groups // tp_size
+
+    def forward(self, x: torch.Tensor):
+        group_weights = self.weight.view(self.local_groups, -1, self.input_size)
+        return torch.einsum("...gi,gri->...gr", x, group_weights).flatten(-2), None
+
+
+def per_head_rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The weightless RMS norm V4 applies to every query head."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class DSv4HybridSelfAttention(MegatronModule):
+    """Sliding-window / CSA / HCA self-attention of DeepSeek-V4.
+
+    forward(hidden_states [s, b, D], attention_mask=None, position_ids=None, **kwargs)
+    -> (output [s, b, D], None).
+
+    The layer builds its own causal masks (sliding window + compressed-entry
+    visibility), so `attention_mask` is not read: sequences are causal and unpadded.
+    `position_ids` ([b, s], default 0..s-1) set the RoPE phases and the entry
+    visibility; compressed entries always sit at positions w * compress_ratio, i.e. the
+    sequence is assumed to start at position 0 (training and prefill).
+    `compress_ratio` overrides the config's per-layer ratio (MTP layers pass 0).
+    """
+
+    def __init__(
+        self,
+        config: DeepSeekV4TransformerConfig,
+        submodules: DSv4HybridSelfAttentionSubmodules,
+        layer_number: int,
+        compress_ratio: int | None = None,
+        pg_collection=None,
+        name: str | None = None,
+        **unused_kwargs,
+    ):
+        super().__init__(config=config)
+        if config.sequence_parallel or config.context_parallel_size > 1:
+            raise NotImplementedError(
+                "DSv4HybridSelfAttention does not support sequence or context parallelism yet; "
+                "set sequence_parallel=False and context_parallel_size=1"
+            )
+        self.layer_number = layer_number
+        self.compress_ratio = self._resolve_compress_ratio(config, layer_number, compress_ratio)
+        self.tp_group = (
+            pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
+        )
+        tp_size = self.tp_group.size()
+        if config.num_attention_heads % tp_size:
+            raise ValueError(
+                f"num_attention_heads={config.num_attention_heads} is not divisible by the "
+                f"tensor-parallel size {tp_size}; choose a tensor-parallel size that divides it"
+            )
+        self.head_dim = config.kv_channels
+        self.local_heads = config.num_attention_heads // tp_size
+        self.window = config.sliding_window
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+        column_parallel_kwargs = dict(
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_group=self.tp_group,
+        )
+        self.linear_q_down_proj = build_replicated_linear(
+            submodules.linear_q_down_proj, config, config.hidden_size, config.q_lora_rank, "q_down_proj"
+        )
+        self.q_layernorm = build_module(
+            submodules.q_layernorm, config=config, hidden_size=config.q_lora_rank, eps=config.layernorm_epsilon
+        )
+        self.linear_q_up_proj = build_module(
+            submodules.linear_q_up_proj,
+            config.q_lora_rank,
+            config.num_attention_heads * self.head_dim,
+            tp_comm_buffer_name="q_up_proj",
+            **column_parallel_kwargs,
+        )
+        self.linear_kv = build_replicated_linear(
+            submodules.linear_kv, config, config.hidden_size, self.head_dim, "kv"
+        )
+        self.kv_layernorm = build_module(
+            submodules.kv_layernorm, config=config, hidden_size=self.head_dim, eps=config.layernorm_epsilon
+        )
+        # Zeros: the sink starts as one extra logit of 0 (transformers initialises it so too).
+        self.attn_sink = torch.nn.Parameter(torch.zeros(self.local_heads, dtype=torch.float32))
+        set_tensor_model_parallel_attributes(self.attn_sink, is_parallel=True, dim=0, stride=1)
+        self.linear_o_down_proj = build_module(
+            submodules.linear_o_down_proj,
+            config.num_attention_heads * self.head_dim // config.o_groups,
+            config.o_groups * config.o_lora_rank,
+            num_groups=config.o_groups,
+            tp_comm_buffer_name="o_down_proj",
+            **column_parallel_kwargs,
+        )
+        self.linear_proj = build_module(
+            submodules.linear_proj,
+            config.o_groups * config.o_lora_rank,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=True,
+            is_expert=False,
+            tp_comm_buffer_name="proj",
+            tp_group=self.tp_group,
+        )
+        self.compressor = None
+        self.indexer = None
+        if self.compress_ratio != SLIDING:
+            self.compressor = build_module(
+                submodules.compressor, config=config, compress_ratio=self.compress_ratio, head_dim=self.head_dim
+            )
+        if self.compress_ratio == CSA:
+            self.indexer = build_module(submodules.indexer, config=config, tp_group=self.tp_group)
+        self.rotary = DSv4RotaryEmbedding(config, compressed=self.compress_ratio != SLIDING)
+
+    @staticmethod
+    def _resolve_compress_ratio(config, layer_number: int, compress_ratio: int | None) -> int:
+        if compress_ratio is not None:
+            return compress_ratio
+        if not 1 <= layer_number <= len(config.compress_ratios):
+            raise ValueError(
+                f"layer_number={layer_number} has no entry in compress_ratios (length "
+                f"{len(config.compress_ratios)}); pass compress_ratio explicitly (0 for MTP layers)"
+            )
+        return config.compress_ratios[layer_number - 1]
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
+        for unsupported in ("inference_context", "inference_params", "packed_seq_params"):
+            if kwargs.get(unsupported) is not None:
+                raise NotImplementedError(
+                    f"DSv4HybridSelfAttention does not support {unsupported} yet; pass None"
+                )
+        seq_len, batch, _ = hidden_states.shape
+        positions = self._positions(position_ids, seq_len, batch, hidden_states.device)
+        cos, sin = self.rotary(positions)  # [s, b, r/2]
+        head_cos, head_sin = cos.unsqueeze(2), sin.unsqueeze(2)
+
+        q_compressed = self.q_layernorm(self.linear_q_down_proj(hidden_states)[0])
+        query = self.linear_q_up_proj(q_compressed)[0].view(seq_len, batch, self.local_heads, self.head_dim)
+        query = apply_rotary(per_head_rms_normalize(query, self.config.layernorm_epsilon), head_cos, head_sin)
+
+        key_value = apply_rotary(self.kv_layernorm(self.linear_kv(hidden_states)[0]), cos, sin)
+        key_value = copy_to_tensor_model_parallel_region(key_value, group=self.tp_group)
+
+        entries = picks = None
+        if self.compressor is not None:
+            entries = copy_to_tensor_model_parallel_region(self.compressor(hidden_states), group=self.tp_group)
+        if self.indexer is not None:
+            picks = self.indexer(hidden_states, q_compressed, positions)
+
+        output = self._attend(query, key_value, entries, picks, positions)
+        output = apply_rotary(output, head_cos, head_sin, inverse=True)
+        output = self.linear_o_down_proj(output.reshape(seq_len, batch, self.linear_o_down_proj.local_groups, -1))[0]
+        return self.linear_proj(output)
+
+    @staticmethod
+    def _positions(position_ids, seq_len: int, batch: int, device) -> torch.Tensor:
+        """Token positions as [s, b] (Megatron-Core passes position_ids as [b, s])."""
+        if position_ids is None:
+            return torch.arange(seq_len, device=device).unsqueeze(1).expand(seq_len, batch)
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        return position_ids.transpose(0, 1).expand(seq_len, batch)
+
+    def _attend(self, query, key_value, entries, picks, positions) -> torch.Tensor:
+        """Softmax over window keys + compressed entries + sink; returns [s, b, H_local, c]."""
+        seq_len = query.shape[0]
+        window_scores, window_visible, window_keys = self._window_scores(query, key_value)
+        logits = [window_scores.masked_fill(~window_visible, float("-inf"))]
+        if entries is not None and entries.shape[0] > 0:
+            entry_keys, entry_scores, entry_visible = self._entry_scores(query, entries, picks, positions)
+            logits.append(entry_scores.masked_fill(~entry_visible, float("-inf")))
+        sink = self.attn_sink.view(1, 1, -1, 1).expand(*query.shape[:3], 1)
+        probabilities = torch.cat(logits + [sink], dim=-1).softmax(dim=-1)[..., :-1].to(query.dtype)
+
+        window_width = window_scores.shape[-1]
+        window_probabilities = probabilities[..., :window_width]
+        output = self._window_output(window_probabilities, window_keys, seq_len)
+        if len(logits) > 1:
+            entry_probabilities = probabilities[..., window_width:]
+            if picks is None:  # HCA: every query reads the same entries
+                output = output + torch.einsum("sbhn,nbc->sbhc", entry_probabilities, entry_keys)
+            else:  # CSA: per-query gathered entries
+                output = output + torch.einsum("sbhk,sbkc->sbhc", entry_probabilities, entry_keys)
+        return output
+
+    def _window_scores(self, query, key_value):
+        """Scores of each query against the keys of its block of W queries.
+
+        Block i holds queries iW .. iW+W-1; they can reach keys iW-W+1 .. iW+W-1, 2W-1 of
+        them. Returns scores [s, b, H, 2W-1] (float32), the visibility mask
+        [s, 1, 1, 2W-1] and the blocked keys [blocks, b, c, 2W-1].
+        """
+        seq_len = query.shape[0]
+        window = self.window
+        num_blocks = -(-seq_len // window)
+        padded_len = num_blocks * window
+        span = 2 * window - 1
+        padded_query = F.pad(query, (0, 0, 0, 0, 0, 0, 0, padded_len - seq_len))
+        # window - 1 zero keys in front give block 0 its (masked) left context.
+        padded_keys = F.pad(key_value, (0, 0, 0, 0, window - 1, padded_len - seq_len))
+        blocked_keys = padded_keys.unfold(0, span, window)  # [blocks, b, c, span]
+        blocked_query = padded_query.view(num_blocks, window, *query.shape[1:])
+        scores = torch.einsum("nqbhc,nbcl->nqbhl", blocked_query, blocked_keys).float() * self.scale
+
+        device = query.device
+        query_position = torch.arange(padded_len, device=device).view(num_blocks, window, 1)
+        key_position = (
+            torch.arange(num_blocks, device=device).view(num_blocks, 1, 1) * window
+            - (window - 1)
+            + torch.arange(span, device=device).view(1, 1, span)
+        )
+        distance = query_position - key_position
+        visible = (distance >= 0) & (distance < window) & (key_position >= 0)
+        scores = scores.flatten(0, 1)[:seq_len]
+        visible = visible.flatten(0, 1)[:seq_len].view(seq_len, 1, 1, span)
+        return scores, visible, blocked_keys
+
+    def _window_output(self, probabilities, blocked_keys, seq_len: int) -> torch.Tensor:
+        num_blocks = blocked_keys.shape[0]
+        padded = F.pad(probabilities, (0, 0, 0, 0, 0, 0, 0, num_blocks * self.window - seq_len))
+        blocked = padded.view(num_blocks, self.window, *probabilities.shape[1:])
+        return torch.einsum("nqbhl,nbcl->nqbhc", blocked, blocked_keys).flatten(0, 1)[:seq_len]
+
+    def _entry_scores(self, query, entries, picks, positions):
+        """Scores against compressed entries: all visible ones (HCA) or the indexer's picks (CSA)."""
+        if picks is None:
+            visible_count = (positions + 1) // self.compress_ratio  # [s, b]
+            entry_ids = torch.arange(entries.shape[0], device=query.device)
+            visible = (entry_ids < visible_count.unsqueeze(-1)).unsqueeze(2)  # [s, b, 1, n]
+            scores = torch.einsum("sbhc,nbc->sbhn", query, entries).float() * self.scale
+            return entries, scores, visible
+        batch_ids = torch.arange(query.shape[1], device=query.device).view(1, -1, 1)
+        picked = entries.transpose(0, 1)[batch_ids, picks.clamp(min=0)]  # [s, b, k, c]
+        scores = torch.einsum("sbhc,sbkc->sbhk", query, picked).float() * self.scale
+        return picked, scores, (picks >= 0).unsqueeze(2)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """As MegatronModule's, except that attn_sink is split over tensor-parallel ranks by head."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        sharded.update(
+            make_sharded_tensors_for_checkpoint(
+                {"attn_sink": self.attn_sink},
+                prefix,
+                {"attn_sink": 0},
+                sharded_offsets,
+                tp_group=self.tp_group,
+                dp_cp_group=metadata["dp_cp_group"],
+            )
+        )
+        return sharded
+
+
+def get_dsv4_attention_spec(use_te: bool | None = None) -> ModuleSpec:
+    """ModuleSpec of DSv4HybridSelfAttention with its compressor and indexer.
+
+    `use_te=None` picks Transformer Engine modules when Transformer Engine imports,
+    Megatron-Core's local modules otherwise; the parameter names are the same either way.
+    The grouped output projection is this package's own module in both cases.
+    """
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    if use_te is None:
+        use_te = HAVE_TE
+    if use_te and not HAVE_TE:
+        raise ImportError(
+            "get_dsv4_attention_spec(use_te=True) needs Transformer Engine; install it or pass use_te=False"
+        )
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TELinear,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        replicated_linear, column_parallel_linear, row_parallel_linear, norm = (
+            TELinear,
+            TEColumnParallelLinear,
+            TERowParallelLinear,
+            TENorm,
+        )
+    else:
+        from megatron.core.post_training.modelopt.layers import Linear
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        replicated_linear, column_parallel_linear, row_parallel_linear, norm = (
+            Linear,
+            ColumnParallelLinear,
+            RowParallelLinear,
+            WrappedTorchNorm,
+        )
+
+    def compressor_spec() -> ModuleSpec:
+        return ModuleSpec(
+            module=DSv4Compressor,
+            submodules=DSv4CompressorSubmodules(
+                linear_kv=replicated_linear, linear_gate=replicated_linear, norm=norm
+            ),
+        )
+
+    return ModuleSpec(
+        module=DSv4HybridSelfAttention,
+        submodules=DSv4HybridSelfAttentionSubmodules(
+            linear_q_down_proj=replicated_linear,
+            q_layernorm=norm,
+            linear_q_up_proj=column_parallel_linear,
+            linear_kv=replicated_linear,
+            kv_layernorm=norm,
+            linear_o_down_proj=GroupedColumnParallelLinear,
+            linear_proj=row_parallel_linear,
+            compressor=compressor_spec(),
+            indexer=ModuleSpec(
+                module=DSv4Indexer,
+                submodules=DSv4IndexerSubmodules(
+                    linear_q_up_proj=column_parallel_linear,
+                    linear_weights_proj=column_parallel_linear,
+                    compressor=compressor_spec(),
+                ),
+            ),
+        ),
+    )

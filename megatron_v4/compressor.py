@@ -1,0 +1,137 @@
+"""KV compressor of DeepSeek-V4's compressed attention layers (spec section 3, "Compressor").
+
+Every `compress_ratio` (m) tokens of a layer's input are pooled into one
+compressed KV entry:
+
+- a_t = linear_kv(x_t), z_t = linear_gate(x_t) + ape[t mod m]
+  (ape: a learned absolute-position bias inside the window);
+- entry w = sum over the window's token slots of softmax_slots(z) * a, the softmax
+  taken over the slots separately for every channel;
+- then RMSNorm and RoPE (compressed-layer frequencies) at position w * m.
+
+HCA (m = 128) pools the m tokens of window w. CSA (m = 4) uses overlapping
+windows: a and z are twice as wide, [A | B]; entry w pools 2m slots, the A
+halves of window w-1 and the B halves of window w (window 0 has no A slots).
+
+Only complete windows emit entries: a sequence of s tokens gives s // m
+entries, and query t may see entry w only when w < (t + 1) // m (the caller
+applies that rule).
+
+The layer's attention owns one compressor of width head_dim; a CSA layer's
+lightning indexer owns a second one of width index_head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_v4.config import CSA, HCA, DeepSeekV4TransformerConfig
+from megatron_v4.rope import DSv4RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class DSv4CompressorSubmodules:
+    """Replicated linears (not split over tensor parallelism) and the entry RMSNorm."""
+
+    linear_kv: ModuleSpec | type = None
+    linear_gate: ModuleSpec | type = None
+    norm: ModuleSpec | type = None
+
+
+def build_replicated_linear(spec, config: DeepSeekV4TransformerConfig, input_size: int, output_size: int, name: str):
+    """A linear whose full weight lives on every tensor-parallel rank (`parallel_mode="duplicated"`).
+
+    Megatron-Core's local `Linear` starts from torch's default initialisation, so the
+    config's init_method is applied here to make it behave like the parallel linears.
+    """
+    linear = build_module(
+        spec,
+        input_size,
+        output_size,
+        parallel_mode="duplicated",
+        config=config,
+        init_method=config.init_method,
+        bias=False,
+        skip_bias_add=False,
+        skip_weight_param_allocation=False,
+        is_expert=False,
+        tp_comm_buffer_name=name,
+        tp_group=None,
+    )
+    if config.perform_initialization and isinstance(linear, torch.nn.Linear):
+        with torch.no_grad():
+            config.init_method(linear.weight)
+    return linear
+
+
+class DSv4Compressor(MegatronModule):
+    """Pools every `compress_ratio` tokens into one entry of width `head_dim`.
+
+    forward(hidden_states [s, b, D]) -> entries [s // m, b, head_dim], in the
+    input's dtype. The pooling runs in float32 (as the reference does).
+    """
+
+    def __init__(
+        self,
+        config: DeepSeekV4TransformerConfig,
+        submodules: DSv4CompressorSubmodules,
+        compress_ratio: int,
+        head_dim: int,
+    ):
+        super().__init__(config=config)
+        if compress_ratio not in (CSA, HCA):
+            raise ValueError(
+                f"compress_ratio={compress_ratio}: a compressor exists only on CSA ({CSA}) "
+                f"or HCA ({HCA}) layers"
+            )
+        self.compress_ratio = compress_ratio
+        self.head_dim = head_dim
+        self.overlapping = compress_ratio == CSA
+        pooled_width = (2 if self.overlapping else 1) * head_dim
+        self.linear_kv = build_replicated_linear(
+            submodules.linear_kv, config, config.hidden_size, pooled_width, "compressor_kv"
+        )
+        self.linear_gate = build_replicated_linear(
+            submodules.linear_gate, config, config.hidden_size, pooled_width, "compressor_gate"
+        )
+        # Kept in float32 like the checkpoint; zeros = no positional preference inside a window.
+        self.ape = torch.nn.Parameter(torch.zeros(compress_ratio, pooled_width, dtype=torch.float32))
+        self.norm = build_module(
+            submodules.norm, config=config, hidden_size=head_dim, eps=config.layernorm_epsilon
+        )
+        self.rotary = DSv4RotaryEmbedding(config, compressed=True)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        seq_len, batch, _ = hidden_states.shape
+        num_entries = seq_len // self.compress_ratio
+        if num_entries == 0:
+            return hidden_states.new_zeros(0, batch, self.head_dim)
+        complete = hidden_states[: num_entries * self.compress_ratio]
+        values = self.linear_kv(complete)[0].float()
+        gates = self.linear_gate(complete)[0].float()
+        # [entry, slot in window, batch, channels]; ape is indexed by the slot.
+        values = values.unflatten(0, (num_entries, self.compress_ratio))
+        gates = gates.unflatten(0, (num_entries, self.compress_ratio)) + self.ape.unsqueeze(1)
+        if self.overlapping:
+            values, gates = self._overlapping_slots(values, gates)
+        pooled = (values * gates.softmax(dim=1)).sum(dim=1)
+        entries = self.norm(pooled.to(hidden_states.dtype))
+        positions = torch.arange(num_entries, device=hidden_states.device) * self.compress_ratio
+        cos, sin = self.rotary(positions)
+        return apply_rotary(entries, cos.unsqueeze(1), sin.unsqueeze(1))
+
+    def _overlapping_slots(self, values: torch.Tensor, gates: torch.Tensor):
+        """CSA: entry w pools window w-1's A halves and window w's B halves (2m slots)."""
+        width = self.head_dim
+        values_a, values_b = values[..., :width], values[..., width:]
+        gates_a, gates_b = gates[..., :width], gates[..., width:]
+        # Window 0 has no predecessor: its A slots hold zeros with gate -inf (softmax weight 0).
+        no_values = torch.zeros_like(values_a[:1])
+        no_gates = torch.full_like(gates_a[:1], float("-inf"))
+        previous_values = torch.cat((no_values, values_a[:-1]), dim=0)
+        previous_gates = torch.cat((no_gates, gates_a[:-1]), dim=0)
+        return torch.cat((previous_values, values_b), dim=1), torch.cat((previous_gates, gates_b), dim=1)

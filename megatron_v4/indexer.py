@@ -1,0 +1,122 @@
+"""Lightning indexer of DeepSeek-V4's CSA layers (spec section 3, "Lightning indexer").
+
+For every query token t the indexer picks which compressed entries the CSA
+attention reads:
+
+- q^I_t = linear_q_up_proj(c_q,t) viewed [index_n_heads, index_head_dim], RoPE on its
+  last r channels at the token's position (compressed-layer frequencies);
+- K^I = the indexer's own compressor (same windows as the attention's, width
+  index_head_dim);
+- w_t = linear_weights_proj(x_t) * index_head_dim^-1/2 * index_n_heads^-1/2;
+- score_{t,w} = sum_h w_{t,h} * ReLU(q^I_{t,h} . K^I_w), -inf where entry w is not
+  visible yet (w >= (t + 1) // m); keep the top min(index_topk, #entries).
+
+The choice is discrete, so no gradient flows through the indexer (as in
+transformers; DeepSeek trains it with a separate distillation loss, which this
+module does not implement), and it runs without autograd. Indexer heads are split
+over tensor parallelism; their partial sums are all-reduced before the top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_v4.config import CSA, DeepSeekV4TransformerConfig
+from megatron_v4.rope import DSv4RotaryEmbedding, apply_rotary
+
+# Queries scored at once: bounds the transient [block, batch, heads, entries] score tensor.
+QUERY_BLOCK = 128
+
+
+@dataclass
+class DSv4IndexerSubmodules:
+    """Per-head (column-parallel) projections and the indexer's own compressor."""
+
+    linear_q_up_proj: ModuleSpec | type = None
+    linear_weights_proj: ModuleSpec | type = None
+    compressor: ModuleSpec | type = None
+
+
+class DSv4Indexer(MegatronModule):
+    """forward(hidden_states [s, b, D], q_compressed [s, b, q_lora_rank], positions [s, b])
+    -> indices [s, b, k] (int64) of the chosen entries, -1 where a pick is not visible."""
+
+    def __init__(
+        self,
+        config: DeepSeekV4TransformerConfig,
+        submodules: DSv4IndexerSubmodules,
+        tp_group: dist.ProcessGroup,
+    ):
+        super().__init__(config=config)
+        self.tp_group = tp_group
+        tp_size = tp_group.size()
+        if config.index_n_heads % tp_size:
+            raise ValueError(
+                f"index_n_heads={config.index_n_heads} is not divisible by the tensor-parallel size "
+                f"{tp_size}; choose a tensor-parallel size that divides it"
+            )
+        self.local_heads = config.index_n_heads // tp_size
+        self.head_dim = config.index_head_dim
+        self.topk = config.index_topk
+        column_parallel_kwargs = dict(
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_group=tp_group,
+        )
+        self.linear_q_up_proj = build_module(
+            submodules.linear_q_up_proj,
+            config.q_lora_rank,
+            config.index_n_heads * config.index_head_dim,
+            tp_comm_buffer_name="indexer_q_up_proj",
+            **column_parallel_kwargs,
+        )
+        self.linear_weights_proj = build_module(
+            submodules.linear_weights_proj,
+            config.hidden_size,
+            config.index_n_heads,
+            tp_comm_buffer_name="indexer_weights_proj",
+            **column_parallel_kwargs,
+        )
+        self.compressor = build_module(
+            submodules.compressor, config=config, compress_ratio=CSA, head_dim=config.index_head_dim
+        )
+        self.rotary = DSv4RotaryEmbedding(config, compressed=True)
+        self.weight_scale = config.index_head_dim**-0.5 * config.index_n_heads**-0.5
+
+    @torch.no_grad()
+    def forward(
+        self, hidden_states: torch.Tensor, q_compressed: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        seq_len, batch, _ = hidden_states.shape
+        keys = self.compressor(hidden_states).float()  # [entries, b, index_head_dim]
+        num_entries = keys.shape[0]
+        if num_entries == 0:
+            return torch.empty(seq_len, batch, 0, dtype=torch.long, device=hidden_states.device)
+        queries = self.linear_q_up_proj(q_compressed)[0].view(seq_len, batch, self.local_heads, self.head_dim)
+        cos, sin = self.rotary(positions)
+        queries = apply_rotary(queries, cos.unsqueeze(2), sin.unsqueeze(2)).float()
+        head_weights = self.linear_weights_proj(hidden_states)[0].float() * self.weight_scale
+        visible_entries = (positions + 1) // CSA  # [s, b]: entries w < this are complete
+        entry_ids = torch.arange(num_entries, device=hidden_states.device)
+        topk = min(self.topk, num_entries)
+        picks = []
+        for start in range(0, seq_len, QUERY_BLOCK):
+            block = slice(start, start + QUERY_BLOCK)
+            per_head = torch.einsum("qbhd,nbd->qbhn", queries[block], keys).relu()
+            scores = torch.einsum("qbhn,qbh->qbn", per_head, head_weights[block])
+            if self.tp_group.size() > 1:
+                dist.all_reduce(scores, group=self.tp_group)
+            hidden = entry_ids >= visible_entries[block].unsqueeze(-1)
+            scores = scores.masked_fill(hidden, float("-inf"))
+            chosen = scores.topk(topk, dim=-1).indices
+            picks.append(chosen.masked_fill(chosen >= visible_entries[block].unsqueeze(-1), -1))
+        return torch.cat(picks, dim=0)

@@ -1,0 +1,224 @@
+"""DSv4HybridSelfAttention against transformers' DeepseekV4Attention, one rank, float32.
+
+The reference is transformers' own attention module (with its compressors and
+indexer), driven standalone: its position embeddings come from transformers'
+DeepseekV4RotaryEmbedding and its mask is the sliding-window causal mask that
+DeepseekV4Model builds (written below from the spec: key j visible to query i
+when 0 <= i - j < sliding_window). Random weights are copied into ours through
+the name map below; outputs and every parameter's gradient are compared for
+sliding (0), CSA (4) and HCA (128) layers at the compressor and window
+boundary lengths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.transformer.spec_utils import build_module
+from transformers import DeepseekV4Config
+from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
+    DeepseekV4Attention,
+    DeepseekV4RotaryEmbedding,
+)
+
+import megatron_v4
+from megatron_v4.attention import get_dsv4_attention_spec
+from megatron_v4.config import DeepSeekV4TransformerConfig
+
+HIDDEN, HEADS, HEAD_DIM, ROPE_DIM = 64, 4, 32, 16
+Q_LORA, O_GROUPS, O_LORA, WINDOW = 32, 2, 16, 10
+INDEX_HEADS, INDEX_HEAD_DIM, INDEX_TOPK = 16, 32, 4
+ROPE_THETA, COMPRESS_ROPE_THETA, EPS = 10000.0, 160000.0, 1e-6
+YARN = dict(factor=16.0, original_max_position_embeddings=65536, beta_fast=32.0, beta_slow=1.0)
+BATCH, LONG = 2, 300  # 300 tokens: 2 HCA entries, 75 CSA entries (top-k is a real choice)
+
+# transformers name -> Megatron-Core name (the contract's names)
+NAME_MAP = {
+    "q_a_proj.weight": "linear_q_down_proj.weight",
+    "q_a_norm.weight": "q_layernorm.weight",
+    "q_b_proj.weight": "linear_q_up_proj.weight",
+    "kv_proj.weight": "linear_kv.weight",
+    "kv_norm.weight": "kv_layernorm.weight",
+    "o_a_proj.weight": "linear_o_down_proj.weight",
+    "o_b_proj.weight": "linear_proj.weight",
+    "sinks": "attn_sink",
+    "compressor.kv_proj.weight": "compressor.linear_kv.weight",
+    "compressor.gate_proj.weight": "compressor.linear_gate.weight",
+    "compressor.position_bias": "compressor.ape",
+    "compressor.kv_norm.weight": "compressor.norm.weight",
+    "compressor.indexer.kv_proj.weight": "indexer.compressor.linear_kv.weight",
+    "compressor.indexer.gate_proj.weight": "indexer.compressor.linear_gate.weight",
+    "compressor.indexer.position_bias": "indexer.compressor.ape",
+    "compressor.indexer.kv_norm.weight": "indexer.compressor.norm.weight",
+    "compressor.indexer.q_b_proj.weight": "indexer.linear_q_up_proj.weight",
+    "compressor.indexer.scorer.weights_proj.weight": "indexer.linear_weights_proj.weight",
+}
+LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+
+
+def boundary_lengths(ratio: int) -> list[int]:
+    m = ratio or 4
+    return sorted({1, m - 1, m, m + 1, WINDOW - 1, WINDOW, WINDOW + 1, LONG})
+
+
+CASES = [(ratio, length) for ratio in (0, 4, 128) for length in boundary_lengths(ratio)]
+
+
+@pytest.fixture(scope="module")
+def layout():
+    parallel_layout = megatron_v4.initialize()
+    yield parallel_layout
+    megatron_v4.destroy()
+
+
+def reference_attention(ratio: int):
+    config = DeepseekV4Config(
+        vocab_size=32,
+        hidden_size=HIDDEN,
+        num_hidden_layers=1,
+        num_attention_heads=HEADS,
+        head_dim=HEAD_DIM,
+        qk_rope_head_dim=ROPE_DIM,
+        q_lora_rank=Q_LORA,
+        o_groups=O_GROUPS,
+        o_lora_rank=O_LORA,
+        sliding_window=WINDOW,
+        layer_types=[LAYER_TYPE[ratio]],
+        index_n_heads=INDEX_HEADS,
+        index_head_dim=INDEX_HEAD_DIM,
+        index_topk=INDEX_TOPK,
+        rope_theta=ROPE_THETA,
+        compress_rope_theta=COMPRESS_ROPE_THETA,
+        rope_parameters={"rope_type": "yarn", **YARN},
+        rms_norm_eps=EPS,
+        num_hash_layers=0,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+    )
+    config._attn_implementation = "eager"
+    attention = DeepseekV4Attention(config, layer_idx=0)
+    generator = torch.Generator().manual_seed(1000 + ratio)
+    with torch.no_grad():
+        for name, param in attention.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                param.copy_(1 + 0.2 * noise)
+            elif name in ("sinks",) or name.endswith("position_bias"):
+                param.copy_(0.5 * noise)
+            else:  # linears: unit-scale outputs
+                param.copy_(noise / param.shape[1] ** 0.5)
+    return attention, DeepseekV4RotaryEmbedding(config)
+
+
+def our_attention(ratio: int, parallel_layout):
+    config = DeepSeekV4TransformerConfig(
+        num_layers=1,
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        kv_channels=HEAD_DIM,
+        qk_rope_head_dim=ROPE_DIM,
+        q_lora_rank=Q_LORA,
+        o_groups=O_GROUPS,
+        o_lora_rank=O_LORA,
+        sliding_window=WINDOW,
+        compress_ratios=[ratio],
+        index_n_heads=INDEX_HEADS,
+        index_head_dim=INDEX_HEAD_DIM,
+        index_topk=INDEX_TOPK,
+        rope_theta=ROPE_THETA,
+        compress_rope_theta=COMPRESS_ROPE_THETA,
+        yarn_factor=YARN["factor"],
+        yarn_original_max_position_embeddings=YARN["original_max_position_embeddings"],
+        yarn_beta_fast=YARN["beta_fast"],
+        yarn_beta_slow=YARN["beta_slow"],
+        layernorm_epsilon=EPS,
+        num_hash_layers=0,
+        use_cpu_initialization=True,
+        **parallel_layout.config_kwargs(),
+    )
+    return build_module(get_dsv4_attention_spec(use_te=False), config=config, layer_number=1)
+
+
+def sliding_window_mask(length: int) -> torch.Tensor:
+    """Additive [B, 1, S, S] mask: key j visible to query i iff 0 <= i - j < WINDOW."""
+    distance = torch.arange(length).view(-1, 1) - torch.arange(length).view(1, -1)
+    visible = (distance >= 0) & (distance < WINDOW)
+    mask = torch.zeros(length, length).masked_fill(~visible, float("-inf"))
+    return mask.expand(BATCH, 1, length, length)
+
+
+@pytest.fixture(scope="module")
+def attention_pairs(layout):
+    pairs = {}
+    for ratio in (0, 4, 128):
+        reference, rotary = reference_attention(ratio)
+        ours = our_attention(ratio, layout)
+        ours_params = dict(ours.named_parameters())
+        reference_params = dict(reference.named_parameters())
+        assert set(NAME_MAP[name] for name in reference_params) == set(ours_params), (
+            f"ratio {ratio}: parameter sets differ"
+        )
+        with torch.no_grad():
+            for name, param in reference_params.items():
+                ours_params[NAME_MAP[name]].copy_(param)
+        pairs[ratio] = (reference, rotary, ours)
+    return pairs
+
+
+def relative_frobenius(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours - reference).norm() / reference.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("ratio,length", CASES)
+def test_attention_matches_transformers(attention_pairs, ratio, length):
+    reference, rotary, ours = attention_pairs[ratio]
+    reference.zero_grad(set_to_none=True)
+    ours.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(length)
+    hidden = torch.randn(BATCH, length, HIDDEN, generator=generator)
+    output_grad = torch.randn(BATCH, length, HIDDEN, generator=generator)
+
+    reference_input = hidden.clone().requires_grad_()
+    position_ids = torch.arange(length).unsqueeze(0).expand(BATCH, length)
+    position_embeddings = {
+        rope_type: rotary(reference_input, position_ids=position_ids, layer_type=rope_type)
+        for rope_type in ("main", "compress")
+    }
+    expected, _ = reference(
+        reference_input, position_embeddings, position_ids, sliding_window_mask(length)
+    )
+    (expected * output_grad).sum().backward()
+
+    our_input = hidden.transpose(0, 1).clone().requires_grad_()
+    actual, bias = ours(our_input)
+    assert bias is None
+    (actual * output_grad.transpose(0, 1)).sum().backward()
+
+    actual = actual.transpose(0, 1)
+    max_diff = (actual - expected).abs().max().item()
+    print(f"ratio={ratio} len={length}: max|diff|={max_diff:.2e} (output max {expected.abs().max():.2f})")
+    assert max_diff <= 1e-5, f"ratio {ratio}, length {length}: max |diff| {max_diff:.3e}"
+    input_error = relative_frobenius(our_input.grad.transpose(0, 1), reference_input.grad)
+    assert input_error <= 1e-4, f"input gradient relative error {input_error:.3e}"
+
+    ours_params = dict(ours.named_parameters())
+    for name, param in reference.named_parameters():
+        our_param = ours_params[NAME_MAP[name]]
+        if param.grad is None:  # the indexer: its top-k choice passes no gradient
+            assert our_param.grad is None, f"{NAME_MAP[name]} has a gradient, transformers' {name} has none"
+            continue
+        error = relative_frobenius(our_param.grad, param.grad)
+        assert error <= 1e-4, f"gradient of {NAME_MAP[name]}: relative error {error:.3e}"
+
+
+def test_indexer_gets_no_gradient_but_attention_compressor_does(attention_pairs):
+    """CSA at a long length: the attention's compressor is trained through the attention,
+    the indexer's parameters are not (their choice is a discrete top-k)."""
+    reference, rotary, ours = attention_pairs[4]
+    ours.zero_grad(set_to_none=True)
+    hidden = torch.randn(LONG, BATCH, HIDDEN, generator=torch.Generator().manual_seed(7))
+    ours(hidden)[0].square().sum().backward()
+    grads = {name: param.grad for name, param in ours.named_parameters()}
+    assert all(grads[name] is None for name in grads if name.startswith("indexer."))
+    assert all(grads[name] is not None and grads[name].abs().sum() > 0 for name in grads if not name.startswith("indexer."))
