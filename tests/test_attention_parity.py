@@ -222,3 +222,82 @@ def test_indexer_gets_no_gradient_but_attention_compressor_does(attention_pairs)
     grads = {name: param.grad for name, param in ours.named_parameters()}
     assert all(grads[name] is None for name in grads if name.startswith("indexer."))
     assert all(grads[name] is not None and grads[name].abs().sum() > 0 for name in grads if not name.startswith("indexer."))
+
+
+# Tensor parallelism: heads, sinks, output groups and indexer heads split over 2 ranks.
+# The first dim of these weights is split (column-parallel), linear_proj's second (row-parallel);
+# everything else is replicated.
+SPLIT_DIM = {
+    "linear_q_up_proj.weight": 0,
+    "attn_sink": 0,
+    "linear_o_down_proj.weight": 0,
+    "linear_proj.weight": 1,
+    "indexer.linear_q_up_proj.weight": 0,
+    "indexer.linear_weights_proj.weight": 0,
+}
+TP = 2
+
+
+def _tensor_parallel_rank(full_weights: dict, hidden: torch.Tensor, output_grad: torch.Tensor):
+    """On one of TP ranks: load this rank's shard of each weight, run forward and backward."""
+    parallel_layout = megatron_v4.initialize(tp=TP)
+    try:
+        rank = torch.distributed.get_rank()
+        results = {}
+        for ratio, weights in full_weights.items():
+            ours = our_attention(ratio, parallel_layout)
+            with torch.no_grad():
+                for name, param in ours.named_parameters():
+                    full = weights[name]
+                    if name in SPLIT_DIM:
+                        full = full.chunk(TP, dim=SPLIT_DIM[name])[rank]
+                    param.copy_(full)
+            our_input = hidden.clone().requires_grad_()
+            output, _ = ours(our_input)
+            (output * output_grad).sum().backward()
+            grads = {name: p.grad for name, p in ours.named_parameters() if p.grad is not None}
+            results[ratio] = (output.detach(), our_input.grad, grads)
+        return results
+    finally:
+        megatron_v4.destroy()
+
+
+def test_tensor_parallel_matches_transformers(attention_pairs):
+    from megatron_v4.testing import run_on_ranks
+
+    generator = torch.Generator().manual_seed(11)
+    hidden = torch.randn(BATCH, LONG, HIDDEN, generator=generator)
+    output_grad = torch.randn(BATCH, LONG, HIDDEN, generator=generator)
+    position_ids = torch.arange(LONG).unsqueeze(0).expand(BATCH, LONG)
+    expected, full_weights = {}, {}
+    for ratio, (reference, rotary, _) in attention_pairs.items():
+        reference.zero_grad(set_to_none=True)
+        reference_input = hidden.clone().requires_grad_()
+        position_embeddings = {
+            rope_type: rotary(reference_input, position_ids=position_ids, layer_type=rope_type)
+            for rope_type in ("main", "compress")
+        }
+        output, _ = reference(reference_input, position_embeddings, position_ids, sliding_window_mask(LONG))
+        (output * output_grad).sum().backward()
+        grads = {NAME_MAP[n]: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+        expected[ratio] = (output.detach(), reference_input.grad, grads)
+        full_weights[ratio] = {NAME_MAP[n]: p.detach().clone() for n, p in reference.named_parameters()}
+
+    per_rank = run_on_ranks(
+        _tensor_parallel_rank, TP, full_weights, hidden.transpose(0, 1), output_grad.transpose(0, 1), timeout=240
+    )
+    for ratio, (expected_output, expected_input_grad, expected_grads) in expected.items():
+        for rank_results in per_rank:  # the layer output and input gradient are complete on every rank
+            output, input_grad, _ = rank_results[ratio]
+            max_diff = (output.transpose(0, 1) - expected_output).abs().max().item()
+            assert max_diff <= 1e-5, f"TP={TP}, ratio {ratio}: max |diff| {max_diff:.3e}"
+            input_error = relative_frobenius(input_grad.transpose(0, 1), expected_input_grad)
+            assert input_error <= 1e-4, f"TP={TP}, ratio {ratio}: input gradient error {input_error:.3e}"
+        assert set(per_rank[0][ratio][2]) == set(expected_grads), f"TP={TP}, ratio {ratio}: gradient sets differ"
+        for name, expected_grad in expected_grads.items():
+            shards = [rank_results[ratio][2][name] for rank_results in per_rank]
+            if name in SPLIT_DIM:
+                shards = [torch.cat(shards, dim=SPLIT_DIM[name])]
+            for grad in shards:
+                error = relative_frobenius(grad, expected_grad)
+                assert error <= 1e-4, f"TP={TP}, ratio {ratio}: gradient of {name}: relative error {error:.3e}"
