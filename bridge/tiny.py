@@ -1,0 +1,193 @@
+"""Tiny random DeepSeek-V4 checkpoints, for tests and examples.
+
+The model is a real `transformers.DeepseekV4ForCausalLM` whose every tensor is
+filled with non-trivial random values (no zero biases, sinks or `ape`, no
+identity hyper-connections), with all three attention kinds (ratios 0, 4, 128),
+hash-routed layers, several output groups and 16 indexer heads. transformers
+builds no MTP layer, so the official flavour gets synthesised MTP tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable
+
+import torch
+
+from bridge.hf_config import DeepSeekV4HFConfig, YarnScaling, transformers_config, write_official_config
+from bridge.hf_naming import OFFICIAL, TRANSFORMERS_MODULE, TRANSFORMERS_SAVED, TRANSLATORS
+from bridge.safetensors_io import write_safetensors
+
+TINY = DeepSeekV4HFConfig(
+    vocab_size=128,
+    hidden_size=64,
+    num_layers=4,
+    num_attention_heads=4,
+    head_dim=32,
+    qk_rope_head_dim=16,
+    q_lora_rank=32,
+    o_groups=2,
+    o_lora_rank=16,
+    sliding_window=8,
+    compress_ratios=(0, 4, 128, 4),
+    index_n_heads=16,
+    index_head_dim=16,
+    index_topk=4,
+    rope_theta=10000.0,
+    compress_rope_theta=160000.0,
+    yarn=YarnScaling(factor=4.0, original_max_position_embeddings=64, beta_fast=32.0, beta_slow=1.0),
+    hc_mult=4,
+    hc_sinkhorn_iters=20,
+    hc_eps=1e-6,
+    num_routed_experts=4,
+    num_experts_per_tok=2,
+    num_shared_experts=1,
+    moe_intermediate_size=32,
+    routed_scaling_factor=1.5,
+    num_hash_layers=2,
+    swiglu_limit=10.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=256,
+    num_nextn_predict_layers=1,
+    dtype="float32",
+)
+
+
+def tiny_config(**changes) -> DeepSeekV4HFConfig:
+    """The tiny architecture, with any field changed."""
+    if "compress_ratios" in changes:
+        changes["compress_ratios"] = tuple(changes["compress_ratios"])
+    return dataclasses.replace(TINY, **changes)
+
+
+# --- random values, by tensor kind (matched on the official name's end) ----------------------------
+def _near_one(shape, g):
+    return 1.0 + 0.1 * torch.randn(shape, generator=g)
+
+
+def _scaled(std: float) -> Callable:
+    return lambda shape, g: std * torch.randn(shape, generator=g)
+
+
+def _fan_in(shape, g):
+    return torch.randn(shape, generator=g) / math.sqrt(shape[-1])
+
+
+def _positive_scale(shape, g):
+    return 0.5 + torch.rand(shape, generator=g)
+
+
+RANDOM_VALUES: list[tuple[str, Callable]] = [
+    (r"norm\.weight$", _near_one),
+    (r"hc_\w+_fn$", _scaled(0.1)),
+    (r"hc_\w+_base$", _scaled(0.5)),
+    (r"hc_\w+_scale$", _positive_scale),
+    (r"attn_sink$", _scaled(1.0)),
+    (r"\.ape$", _scaled(0.5)),
+    (r"gate\.bias$", _scaled(0.1)),
+    (r"^embed\.weight$", _scaled(1.0)),
+    (r"\.weight$", _fan_in),
+]
+
+
+def _random_like(name: str, tensor: torch.Tensor, g: torch.Generator, num_experts: int) -> torch.Tensor:
+    if name.endswith("tid2eid"):
+        k = tensor.shape[1]
+        rows = [torch.randperm(num_experts, generator=g)[:k] for _ in range(tensor.shape[0])]
+        return torch.stack(rows).to(tensor.dtype)
+    for pattern, make in RANDOM_VALUES:
+        if re.search(pattern, name):
+            return make(tuple(tensor.shape), g).to(tensor.dtype)
+    raise KeyError(f"tiny.py has no random-value rule for {name!r}; add one to RANDOM_VALUES")
+
+
+def randomise_official(state: dict[str, torch.Tensor], seed: int, num_experts: int) -> dict[str, torch.Tensor]:
+    """Fresh random values of the same shapes for a dict of official-named tensors."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: _random_like(name, t, g, num_experts) for name, t in state.items()}
+
+
+# --- model and MTP -------------------------------------------------------------------------------
+def make_tiny_model(cfg: DeepSeekV4HFConfig = TINY, seed: int = 0):
+    """A `DeepseekV4ForCausalLM` of `cfg` with random non-trivial weights (fp32, eval mode)."""
+    from transformers import DeepseekV4ForCausalLM
+
+    torch.manual_seed(seed)
+    model = DeepseekV4ForCausalLM(transformers_config(cfg)).eval()
+    translator = TRANSLATORS[TRANSFORMERS_MODULE]
+    official = dict(translator.to_official(model.state_dict().items()))
+    random = randomise_official(official, seed, cfg.num_routed_experts)
+    stacked = dict(translator.from_official(random.items(), num_experts=cfg.num_routed_experts))
+    model.load_state_dict(stacked, strict=True)
+    return model
+
+
+def make_tiny_mtp(cfg: DeepSeekV4HFConfig = TINY, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Official `mtp.{k}.*` tensors for `cfg.num_nextn_predict_layers` MTP layers (sliding, not hash-routed)."""
+    from transformers import DeepseekV4ForCausalLM
+
+    block_cfg = dataclasses.replace(cfg, num_layers=1, compress_ratios=(0,), num_hash_layers=0)
+    block = DeepseekV4ForCausalLM(transformers_config(block_cfg))
+    block_official = dict(TRANSLATORS[TRANSFORMERS_MODULE].to_official(block.state_dict().items()))
+    d, n = cfg.hidden_size, cfg.hc_mult
+    shapes = {
+        "enorm.weight": (d,),
+        "hnorm.weight": (d,),
+        "e_proj.weight": (d, d),
+        "h_proj.weight": (d, d),
+        "norm.weight": (d,),
+        "hc_head_fn": (n, n * d),
+        "hc_head_base": (n,),
+        "hc_head_scale": (1,),
+    }
+    out = {}
+    for k in range(cfg.num_nextn_predict_layers):
+        templates = {f"mtp.{k}.{name}": torch.empty(shape) for name, shape in shapes.items()}
+        templates.update(
+            {f"mtp.{k}.{name[len('layers.0.'):]}": t for name, t in block_official.items() if name.startswith("layers.0.")}
+        )
+        out.update(randomise_official(templates, seed + 1000 + k, cfg.num_routed_experts))
+    return out
+
+
+def make_tiny_checkpoint(
+    out_dir: str | os.PathLike,
+    flavour: str = OFFICIAL,
+    seed: int = 0,
+    cfg: DeepSeekV4HFConfig = TINY,
+    with_mtp: bool | None = None,
+    max_shard_bytes: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    """Write a random tiny DeepSeek-V4 checkpoint (safetensors + config.json) in one of the three namings.
+
+    `official`: official names and config (with MTP tensors unless `with_mtp=False`).
+    `transformers-saved`: transformers' own `save_pretrained` (no MTP: transformers has none).
+    `transformers-module`: the in-memory `state_dict()` names, transformers config.
+    `max_shard_bytes` splits the weights over several files plus an index.
+    Returns `out_dir`.
+    """
+    out_dir = os.fspath(out_dir)
+    model = make_tiny_model(cfg, seed).to(dtype)
+    with_mtp = (flavour == OFFICIAL) if with_mtp is None else with_mtp
+    if flavour == TRANSFORMERS_SAVED:
+        if with_mtp:
+            raise ValueError("transformers' save_pretrained writes no MTP tensors; use with_mtp=False")
+        shard = {"max_shard_size": max_shard_bytes} if max_shard_bytes else {}
+        model.save_pretrained(out_dir, **shard)
+        return out_dir
+    state = dict(model.state_dict())
+    if flavour == OFFICIAL:
+        state = dict(TRANSLATORS[TRANSFORMERS_MODULE].to_official(state.items()))
+        write_official_config(dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch.")), out_dir)
+    elif flavour == TRANSFORMERS_MODULE:
+        model.config.save_pretrained(out_dir)
+    else:
+        raise ValueError(f"unknown flavour {flavour!r}; use {OFFICIAL!r}, {TRANSFORMERS_SAVED!r} or {TRANSFORMERS_MODULE!r}")
+    if with_mtp:
+        state.update({k: v.to(dtype) for k, v in make_tiny_mtp(cfg, seed).items()})
+    write_safetensors(state.items(), out_dir, max_shard_bytes=max_shard_bytes)
+    return out_dir
