@@ -22,6 +22,10 @@ SUPPORTED_COMPRESS_RATIOS = (SLIDING, CSA, HCA)
 class DeepSeekV4TransformerConfig(TransformerConfig):
     """Megatron-Core config of a DeepSeek-V4 model (V4-Flash, V4-Pro, or smaller of the same design)."""
 
+    # DeepSeek-V4 trains without dropout (Megatron-Core's defaults are 0.1).
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
     # Attention (section 3 of the spec)
     q_lora_rank: int = 1024
     qk_rope_head_dim: int = 64
@@ -53,6 +57,11 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
     # MoE (section 4)
     num_hash_layers: int = 3
     swiglu_limit: float = 10.0
+    """Clamp of the SwiGLU of routed and shared experts (gate from above, up on both sides);
+    0 disables it. Becomes Megatron-Core's `activation_func_clamp_value`."""
+
+    vocab_size: int | None = None
+    """Vocabulary size (the model's embedding/output and the hash routers' tid2eid rows)."""
 
     def __post_init__(self):
         self.normalization = "RMSNorm"
@@ -63,6 +72,11 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
         if self.num_moe_experts:
             self.moe_router_score_function = "sqrtsoftplus"
             self.moe_router_pre_softmax = False
+            # Aux-loss-free balancing: every learned router has a selection-only expert bias.
+            self.moe_router_enable_expert_bias = True
+            if self.moe_router_dtype is None:
+                self.moe_router_dtype = "fp32"
+        self.activation_func_clamp_value = self.swiglu_limit or None
         super().__post_init__()
         self._validate_deepseek_v4()
 
@@ -92,6 +106,20 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
         if not 0 <= self.num_hash_layers <= self.num_layers:
             raise ValueError(
                 f"num_hash_layers={self.num_hash_layers} must be between 0 and num_layers={self.num_layers}"
+            )
+        if self.moe_apply_probs_on_input:
+            raise ValueError(
+                "moe_apply_probs_on_input=True scales the expert input, but DeepSeek-V4 weights the "
+                "expert output (w2(...) * weight); leave it False"
+            )
+        if self.activation_func_clamp_value is not None and (
+            self.bias_activation_fusion
+            or self.use_te_activation_func
+            or self.use_transformer_engine_op_fuser
+        ):
+            raise ValueError(
+                "the fused SwiGLU kernels ignore the swiglu_limit clamp; set bias_activation_fusion, "
+                "use_te_activation_func and use_transformer_engine_op_fuser to False (or swiglu_limit=0)"
             )
         if self.hc_mult < 1 or self.hc_sinkhorn_iters < 1:
             raise ValueError(

@@ -1,0 +1,157 @@
+"""`DeepSeekV4Model`: the DeepSeek-V4 language model as a Megatron-Core LanguageModule.
+
+Behaves like Megatron-Core's GPTModel: `forward(input_ids, position_ids,
+attention_mask, labels)` returns logits [batch, seq, vocab] without labels and
+the per-token loss [batch, seq] with labels (labels are the next tokens, as in
+Megatron). Embedding and output layer are untied. With `mtp_num_layers`, the
+MTP loss is added to the gradients (see `megatron_v4.mtp`) when labels are given.
+
+Pipeline parallelism: `pre_process` stages embed, the others take the
+previous stage's streams through `set_input_tensor`; `post_process` stages
+collapse the streams, run MTP and the output layer. Every stage needs the
+token ids (hash routing) and returns, before the last, the streams
+[seq, batch, hc_mult, hidden].
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import ModelType
+from megatron.core.transformer.multi_token_prediction import process_mtp_loss
+
+from megatron_v4.config import DeepSeekV4TransformerConfig
+from megatron_v4.layer import DeepSeekV4BlockSubmodules, DeepSeekV4TransformerBlock
+from megatron_v4.mtp import DeepSeekV4MTPBlock, DeepSeekV4MTPBlockSubmodules
+from megatron_v4.specs import get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
+
+
+class DeepSeekV4Model(LanguageModule):
+    """DeepSeek-V4 (V4-Flash, V4-Pro, or smaller of the same design).
+
+    Args:
+        config: the model config; `config.vocab_size` is the vocabulary size.
+        decoder_spec / mtp_spec: block specs; default to `get_dsv4_decoder_block_spec(config)`
+            and (with `config.mtp_num_layers`) `get_dsv4_mtp_block_spec(config)`.
+        pre_process / post_process: this pipeline stage embeds / produces the outputs.
+        parallel_output: keep logits split over the tensor-parallel ranks (as GPTModel).
+    """
+
+    def __init__(
+        self,
+        config: DeepSeekV4TransformerConfig,
+        decoder_spec: DeepSeekV4BlockSubmodules | None = None,
+        mtp_spec: DeepSeekV4MTPBlockSubmodules | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        parallel_output: bool = True,
+        max_sequence_length: int = 1 << 20,
+        pg_collection: ProcessGroupCollection | None = None,
+        vp_stage: int | None = None,
+    ):
+        super().__init__(config=config, pg_collection=pg_collection)
+        if not config.vocab_size:
+            raise ValueError("DeepSeekV4Model needs config.vocab_size")
+        self.vocab_size = config.vocab_size
+        self.max_sequence_length = max_sequence_length
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.parallel_output = parallel_output
+        self.share_embeddings_and_output_weights = False
+        self.vp_stage = vp_stage
+        self.model_type = ModelType.encoder_or_decoder
+        self.mtp_process = bool(config.mtp_num_layers) and post_process
+
+        if self.pre_process or self.mtp_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=self.vocab_size,
+                max_sequence_length=max_sequence_length,
+                position_embedding_type="none",
+                tp_group=self.pg_collection.tp,
+            )
+        self.decoder = DeepSeekV4TransformerBlock(
+            config=config,
+            spec=decoder_spec or get_dsv4_decoder_block_spec(config),
+            pre_process=pre_process,
+            post_process=post_process,
+            pg_collection=self.pg_collection,
+            vp_stage=vp_stage,
+        )
+        if self.mtp_process:
+            self.mtp = DeepSeekV4MTPBlock(
+                config=config,
+                spec=mtp_spec or get_dsv4_mtp_block_spec(config),
+                pg_collection=self.pg_collection,
+            )
+        if self.post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                self.vocab_size,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=not parallel_output,
+                tp_group=self.pg_collection.tp,
+            )
+        if self.pre_process or self.post_process or self.mtp_process:
+            self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, list):
+            if len(input_tensor) != 1:
+                raise ValueError(f"expected one input tensor per stage, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        decoder_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [batch, seq] -> logits [batch, seq, vocab], or per-token loss [batch, seq] with labels.
+
+        position_ids default to 0..seq-1. `decoder_input` replaces the embedding on the first stage.
+        """
+        if position_ids is None:
+            seq = input_ids.shape[1]
+            position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
+        streams = self.decoder(
+            decoder_input, attention_mask=attention_mask, position_ids=position_ids, token_ids=input_ids
+        )
+        if not self.post_process:
+            return streams
+
+        hidden_states = self.decoder.collapse_streams(streams)
+        if self.mtp_process and labels is not None:
+            mtp_hidden_states = self.mtp(
+                streams, input_ids, self.embedding, attention_mask=attention_mask, position_ids=position_ids
+            )
+            hidden_states = process_mtp_loss(
+                hidden_states=torch.cat([hidden_states, *mtp_hidden_states], dim=0),
+                labels=labels,
+                loss_mask=loss_mask,
+                output_layer=self.output_layer,
+                output_weight=None,
+                runtime_gather_output=None,
+                is_training=self.training,
+                compute_language_model_loss=self.compute_language_model_loss,
+                config=self.config,
+                cp_group=self.pg_collection.cp,
+                tp_group=self.pg_collection.tp,
+            )
+
+        logits, _ = self.output_layer(hidden_states)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
