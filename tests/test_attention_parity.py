@@ -197,12 +197,12 @@ def test_attention_matches_transformers(attention_pairs, ratio, length):
 
     actual = actual.transpose(0, 1)
     max_diff = (actual - expected).abs().max().item()
-    print(f"ratio={ratio} len={length}: max|diff|={max_diff:.2e} (output max {expected.abs().max():.2f})")
     assert max_diff <= 1e-5, f"ratio {ratio}, length {length}: max |diff| {max_diff:.3e}"
     input_error = relative_frobenius(our_input.grad.transpose(0, 1), reference_input.grad)
     assert input_error <= 1e-4, f"input gradient relative error {input_error:.3e}"
 
     ours_params = dict(ours.named_parameters())
+    worst_grad_error = 0.0
     for name, param in reference.named_parameters():
         our_param = ours_params[NAME_MAP[name]]
         if param.grad is None:  # the indexer: its top-k choice passes no gradient
@@ -210,6 +210,11 @@ def test_attention_matches_transformers(attention_pairs, ratio, length):
             continue
         error = relative_frobenius(our_param.grad, param.grad)
         assert error <= 1e-4, f"gradient of {NAME_MAP[name]}: relative error {error:.3e}"
+        worst_grad_error = max(worst_grad_error, error)
+    print(
+        f"ratio={ratio} len={length}: max|diff|={max_diff:.2e} (output max {expected.abs().max():.2f}), "
+        f"input grad rel {input_error:.1e}, worst param grad rel {worst_grad_error:.1e}"
+    )
 
 
 def test_indexer_gets_no_gradient_but_attention_compressor_does(attention_pairs):
