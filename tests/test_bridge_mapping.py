@@ -1,4 +1,8 @@
-"""Weight-name mapping of the bridge: the three Hugging Face namings <-> Megatron-Core, without a model."""
+"""Weight mapping of the bridge: the three Hugging Face namings <-> Megatron-Core.
+
+First on plain state dicts (no model), then through `AutoBridge` and a real `DeepSeekV4Model`,
+whose logits are compared with transformers' on the same weights.
+"""
 
 import json
 
@@ -6,6 +10,9 @@ import pytest
 import torch
 from transformers import DeepseekV4ForCausalLM
 
+import megatron_v4
+from bridge import AutoBridge
+from bridge.hf_config import read_hf_config
 from bridge.hf_naming import OFFICIAL, TRANSFORMERS_MODULE, TRANSFORMERS_SAVED, detect_naming
 from bridge.mcore_naming import GROUPED_EXPERTS, MCoreNaming, UnknownTensorError
 from bridge.pipeline import (
@@ -194,3 +201,79 @@ def test_shard_step_splits_by_the_rules():
     experts = {n: t for n, t in got.items() if "local_experts" in n}
     assert sorted(experts) == [f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc2.weight" for e in (0, 1)]
     assert experts["decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"][0, 0] == 2.0
+
+
+# --- through AutoBridge and the Megatron-Core model -----------------------------------------------
+@pytest.fixture(scope="module")
+def single_rank():
+    layout = megatron_v4.initialize()
+    yield layout
+    megatron_v4.destroy()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model.eval()(ids)
+
+
+@pytest.fixture(scope="module")
+def token_ids():
+    # 140 tokens: past the sliding window (8), several CSA windows (4) and one complete HCA window (128)
+    return torch.randint(0, TINY.vocab_size, (2, 140), generator=torch.Generator().manual_seed(0))
+
+
+def test_megatron_model_round_trip_and_logits_match_transformers(single_rank, checkpoints, reference_model, token_ids):
+    bridge = AutoBridge.from_hf_pretrained(checkpoints[OFFICIAL])
+    assert bridge.naming == OFFICIAL and bridge.mtp_num_layers == 1
+    (model,) = bridge.to_megatron_model(dtype=torch.float32)
+    assert model.mtp_process
+    _assert_bit_exact(dict(bridge.export_hf_weights([model])), _read(checkpoints[OFFICIAL]))
+    got, want = _logits(model, token_ids), _logits(reference_model, token_ids).logits
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("naming", [TRANSFORMERS_SAVED, TRANSFORMERS_MODULE])
+def test_transformers_namings_load_the_same_model(single_rank, checkpoints, reference_model, naming, token_ids):
+    bridge = AutoBridge.from_hf_pretrained(checkpoints[naming])
+    assert bridge.naming == naming and bridge.mtp_num_layers == 0  # transformers writes no MTP tensors
+    (model,) = bridge.to_megatron_model(dtype=torch.float32)
+    assert not model.mtp_process
+    official = {k: v for k, v in _read(checkpoints[OFFICIAL]).items() if not k.startswith("mtp.")}
+    _assert_bit_exact(dict(bridge.export_hf_weights(model)), official)
+    _assert_bit_exact(dict(bridge.export_hf_weights(model, naming=naming)), _read(checkpoints[naming]))
+    torch.testing.assert_close(_logits(model, token_ids), _logits(reference_model, token_ids).logits, rtol=0, atol=1e-4)
+
+
+def test_bridge_from_an_in_memory_transformers_model(single_rank, reference_model, token_ids):
+    bridge = AutoBridge.from_hf_pretrained(reference_model)
+    assert bridge.naming == TRANSFORMERS_MODULE
+    model = bridge.to_megatron_model(dtype=torch.float32)
+    _assert_bit_exact(dict(bridge.export_hf_weights(model, naming=TRANSFORMERS_MODULE)),
+                      dict(reference_model.state_dict()))
+    torch.testing.assert_close(_logits(model[0], token_ids), _logits(reference_model, token_ids).logits,
+                               rtol=0, atol=1e-4)
+
+
+def test_saved_checkpoint_is_official_and_loads_in_transformers(single_rank, checkpoints, reference_model, tmp_path):
+    bridge = AutoBridge.from_hf_pretrained(checkpoints[OFFICIAL])
+    model = bridge.to_megatron_model(dtype=torch.float32)
+    bridge.save_hf_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["compress_ratios"] == [0, 4, 128, 4, 0] and config["num_hash_layers"] == 2
+    assert read_hf_config(tmp_path) == read_hf_config(checkpoints[OFFICIAL])
+    _assert_bit_exact(_read(tmp_path), _read(checkpoints[OFFICIAL]))
+    loaded, info = DeepseekV4ForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    _assert_bit_exact(loaded.state_dict(), reference_model.state_dict())
+
+
+def test_bf16_model_gets_the_checkpoint_rounded_to_bf16(single_rank, checkpoints):
+    bridge = AutoBridge.from_hf_pretrained(checkpoints[OFFICIAL])
+    (model,) = bridge.to_megatron_model()  # bf16 by default
+    source = _read(checkpoints[OFFICIAL])
+    exported = dict(bridge.export_hf_weights(model))
+    weight = "layers.1.attn.wq_b.weight"
+    assert model.decoder.layers[1].self_attention.linear_q_up_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(exported[weight].float(), source[weight].to(torch.bfloat16).float())
+    assert torch.equal(exported["layers.0.ffn.gate.tid2eid"], source["layers.0.ffn.gate.tid2eid"])
