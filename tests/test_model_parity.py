@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
+from megatron.core.transformer.module import Float16Module
+
 import megatron_v4
 from megatron_v4.config import DeepSeekV4TransformerConfig
 from megatron_v4.model import DeepSeekV4Model
@@ -285,6 +287,22 @@ def relative_frobenius(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def assert_grads_match(ours: torch.nn.Module, expected: dict[str, torch.Tensor], tag: str) -> None:
+    """Every gradient within 1e-4 relative Frobenius of transformers'; none where transformers has none
+    (the lightning indexer only selects entries, so it gets no gradient from the loss in either)."""
+    worst, worst_name = 0.0, None
+    for name, param in ours.named_parameters():
+        if name not in expected:
+            assert param.grad is None or not param.grad.any(), f"{name} has a gradient transformers lacks"
+            continue
+        assert param.grad is not None, f"{name} got no gradient"
+        rel = relative_frobenius(param.grad, expected[name])
+        if rel > worst:
+            worst, worst_name = rel, name
+        assert rel <= 1e-4, (tag, name, rel)
+    print(f"[{tag}] worst grad rel Frobenius={worst:.3e} ({worst_name})")
+
+
 # ----------------------------------------------------------------------------- fp32 parity
 @pytest.mark.parametrize("tiny", CONFIGS, ids=[c.name for c in CONFIGS])
 def test_fp32_logits_loss_and_grads_match_transformers(layout, tiny: TinyConfig):
@@ -324,14 +342,153 @@ def test_fp32_logits_loss_and_grads_match_transformers(layout, tiny: TinyConfig)
         loss.backward()
 
         hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
-        expected = hf_to_ours(hf_grads, len(tiny.compress_ratios))
-        worst = 0.0
-        for name, param in ours.named_parameters():
-            if name not in expected:
-                assert param.grad is None or param.grad.abs().max() == 0, f"{name} has a gradient transformers lacks"
-                continue
-            assert param.grad is not None, f"{name} got no gradient"
-            rel = relative_frobenius(param.grad, expected[name])
-            worst = max(worst, rel)
-            assert rel <= 1e-4, (seq, name, rel)
-        print(f"[{tiny.name} seq={seq}] worst grad rel Frobenius={worst:.3e}")
+        assert_grads_match(ours, hf_to_ours(hf_grads, len(tiny.compress_ratios)), f"{tiny.name} seq={seq}")
+
+# ----------------------------------------------------------------------------- bfloat16
+def transformers_bf16(hf: DeepseekV4ForCausalLM, tmp_path) -> DeepseekV4ForCausalLM:
+    """transformers' own bf16 model: loaded in bf16, keeping its `_keep_in_fp32_modules_strict` in fp32."""
+    hf.save_pretrained(tmp_path)
+    model = DeepseekV4ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+def test_bf16_error_within_transformers_bf16_error(layout, tmp_path):
+    tiny = CONFIGS[0]
+    hf = hf_model(tiny, seed=3).eval()
+    hf16 = transformers_bf16(hf, tmp_path)
+    config = our_config(tiny, layout, bf16=True, params_dtype=torch.bfloat16)
+    ours = build_ours(config)
+    load_from_hf(ours, hf, len(tiny.compress_ratios))
+    ours = Float16Module(config, ours).eval()
+
+    input_ids = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        reference = hf(input_ids=input_ids).logits
+        theirs = hf16(input_ids=input_ids).logits.float()
+        logits = ours(input_ids)
+    assert logits.dtype == torch.float32
+    our_err, their_err = (logits - reference).abs(), (theirs - reference).abs()
+    print(
+        f"[bf16] ours max {our_err.max():.3e} mean {our_err.mean():.3e}; "
+        f"transformers max {their_err.max():.3e} mean {their_err.mean():.3e}"
+    )
+    assert our_err.max() <= 1.5 * their_err.max()
+    assert our_err.mean() <= 1.5 * their_err.mean()
+
+
+# ----------------------------------------------------------------------------- MTP
+class ReferenceMTP(torch.nn.Module):
+    """Spec section 5 written out with transformers' modules: one MTP depth on top of `hf`."""
+
+    def __init__(self, hf: DeepseekV4ForCausalLM):
+        super().__init__()
+        from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_modules
+
+        config = copy.deepcopy(hf.config)
+        index = config.num_hidden_layers
+        config.num_hidden_layers += 1
+        config.layer_types = [*config.layer_types, "sliding_attention"]
+        config.mlp_layer_types = [*config.mlp_layer_types, "moe"]
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.enorm = hf_modules.DeepseekV4RMSNorm(hidden, eps)
+        self.hnorm = hf_modules.DeepseekV4RMSNorm(hidden, eps)
+        self.e_proj = torch.nn.Linear(hidden, hidden, bias=False)
+        self.h_proj = torch.nn.Linear(hidden, hidden, bias=False)
+        self.block = hf_modules.DeepseekV4DecoderLayer(config, index)
+        self.hc_head = hf_modules.DeepseekV4HyperHead(config)
+        self.norm = hf_modules.DeepseekV4RMSNorm(hidden, eps)
+        with torch.no_grad():
+            for param in self.parameters():
+                param.normal_(0.0, 0.05)
+        randomise(self, config.vocab_size, config.num_experts_per_tok, config.n_routed_experts)
+
+    def forward(self, hf: DeepseekV4ForCausalLM, streams: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Main streams H [b, s, n, D] -> MTP logits [b, s, V]; position t predicts token t + 2."""
+        batch, seq = input_ids.shape
+        next_ids = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1)
+        e = self.e_proj(self.enorm(hf.model.embed_tokens(next_ids)))
+        x = e.unsqueeze(2) + self.h_proj(self.hnorm(streams))
+        positions = torch.arange(seq).unsqueeze(0).expand(batch, -1)
+        rope = {kind: hf.model.rotary_emb(x, position_ids=positions, layer_type=kind) for kind in ("main", "compress")}
+        query, key = torch.arange(seq).unsqueeze(1), torch.arange(seq).unsqueeze(0)
+        visible = (key <= query) & (query - key < hf.config.sliding_window)
+        mask = torch.zeros(seq, seq).masked_fill(~visible, float("-inf")).expand(batch, 1, seq, seq)
+        x = self.block(x, position_embeddings=rope, position_ids=positions, attention_mask=mask)
+        return hf.lm_head(self.norm(self.hc_head(x)))
+
+
+def mtp_to_ours(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference MTP's tensors (or gradients) -> contract names."""
+    prefix = "mtp.layers.0."
+    out = hf_layer_to_ours(tensors, "block.", prefix + "transformer_layer.")
+    for name in ("enorm.weight", "hnorm.weight", "e_proj.weight", "h_proj.weight"):
+        out[prefix + name] = tensors[name]
+    out.update(
+        {
+            prefix + "hc_head.fn": tensors["hc_head.hc_fn"],
+            prefix + "hc_head.base": tensors["hc_head.hc_base"],
+            prefix + "hc_head.scale": tensors["hc_head.hc_scale"],
+            prefix + "final_layernorm.weight": tensors["norm.weight"],
+        }
+    )
+    return out
+
+
+def test_mtp_logits_loss_and_grads_match_the_spec(layout):
+    tiny = TinyConfig("mtp", [0, 4], 1, seq_lens=(12,))
+    scaling = 0.3
+    hf = hf_model(tiny, seed=5, mtp=1).train()
+    reference = ReferenceMTP(hf).train()
+    config = our_config(tiny, layout, mtp=1, mtp_loss_scaling_factor=scaling)
+    ours = build_ours(config).train()
+    mapped = {**hf_to_ours(hf_tensors(hf), 2), **mtp_to_ours(hf_tensors(reference))}
+    own = {n: t for n, t in ours.state_dict(keep_vars=True).items() if not n.endswith("_extra_state")}
+    assert sorted(own) == sorted(mapped)
+    with torch.no_grad():
+        for name, tensor in mapped.items():
+            own[name].copy_(tensor)
+
+    batch, seq = 2, 12
+    input_ids = torch.randint(0, hf.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(11))
+    labels = torch.roll(input_ids, -1, dims=1)
+    loss_mask = torch.ones(batch, seq)
+    loss_mask[:, -1] = 0
+
+    # Reference: main loss + scaling * mean over t <= s-3 of CE(MTP logits at t, token t+2).
+    captured = {}
+    hook = hf.model.hc_head.register_forward_pre_hook(lambda module, args: captured.update(streams=args[0]))
+    hf_out = hf(input_ids=input_ids, labels=input_ids)
+    hook.remove()
+    ref_mtp_logits = reference(hf, captured["streams"], input_ids)
+    ref_mtp_loss = F.cross_entropy(
+        ref_mtp_logits[:, : seq - 2].reshape(-1, hf.config.vocab_size), input_ids[:, 2:].reshape(-1)
+    )
+    (hf_out.loss + scaling * ref_mtp_loss).backward()
+
+    our_mtp = {}
+    hook = ours.mtp.register_forward_hook(lambda module, args, output: our_mtp.update(hidden=output[0]))
+    per_token = ours(input_ids, labels=labels, loss_mask=loss_mask)
+    hook.remove()
+    main_loss = (per_token * loss_mask).sum() / loss_mask.sum()
+    main_loss.backward()
+    mtp_logits = ours.output_layer(our_mtp["hidden"])[0].transpose(0, 1)
+    mtp_loss = F.cross_entropy(
+        mtp_logits[:, : seq - 2].reshape(-1, hf.config.vocab_size), input_ids[:, 2:].reshape(-1)
+    )
+
+    logits_diff = (mtp_logits - ref_mtp_logits).abs().max().item()
+    print(
+        f"[mtp] logits max|diff|={logits_diff:.3e} (max {ref_mtp_logits.abs().max():.3f}); "
+        f"main loss ours={main_loss.item():.6f} hf={hf_out.loss.item():.6f}; "
+        f"mtp loss ours={mtp_loss.item():.6f} ref={ref_mtp_loss.item():.6f}"
+    )
+    assert logits_diff <= 1e-5 * ref_mtp_logits.abs().max().item()
+    assert abs(main_loss.item() - hf_out.loss.item()) <= 1e-5 * hf_out.loss.item()
+    assert abs(mtp_loss.item() - ref_mtp_loss.item()) <= 1e-5 * ref_mtp_loss.item()
+
+    expected = {
+        **hf_to_ours({n: p.grad for n, p in hf.named_parameters() if p.grad is not None}, 2),
+        **mtp_to_ours({n: p.grad for n, p in reference.named_parameters() if p.grad is not None}),
+    }
+    assert_grads_match(ours, expected, "mtp")
