@@ -45,15 +45,17 @@ def _drop_mtp(items: pipeline.Items) -> Iterator[tuple[str, torch.Tensor]]:
     return ((name, t) for name, t in items if not name.startswith(MTP_PREFIX))
 
 
-def _unwrapped(model) -> list[torch.nn.Module]:
-    """Model chunks without DDP / Float16Module wrappers."""
+def _single_chunk(model) -> torch.nn.Module:
+    """The one model chunk of `model` (a module or a list of chunks), without DDP / Float16Module wrappers."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
-    out = []
-    for chunk in chunks:
-        while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
-            chunk = chunk.module
-        out.append(chunk)
-    return out
+    if len(chunks) != 1:
+        raise NotImplementedError(
+            f"got {len(chunks)} model chunks; the bridge handles one (pp=1, no virtual pipeline) for now"
+        )
+    chunk = chunks[0]
+    while isinstance(getattr(chunk, "module", None), torch.nn.Module):
+        chunk = chunk.module
+    return chunk
 
 
 class AutoBridge:
@@ -65,6 +67,13 @@ class AutoBridge:
         self.naming = naming
         """Which Hugging Face naming the weights use: official, transformers-saved or transformers-module."""
         self.has_mtp = any(name.startswith(MTP_PREFIX) for name in weights.names())
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"AutoBridge(naming={self.naming!r}, config_flavour={c.flavour!r}, layers={c.num_layers}, "
+            f"hidden={c.hidden_size}, experts={c.num_routed_experts}, mtp_layers={self.mtp_num_layers})"
+        )
 
     @classmethod
     def from_hf_pretrained(cls, source) -> AutoBridge:
@@ -121,7 +130,7 @@ class AutoBridge:
 
     def load_hf_weights(self, model) -> None:
         """Copy this checkpoint's weights into Megatron model chunk(s), this rank's part of each."""
-        (chunk,) = _unwrapped(model)
+        chunk = _single_chunk(model)
         mcore = MCoreNaming(detect_expert_layout(chunk.state_dict()))
         items = pipeline.to_official(self.weights.items(), self.naming)
         items = pipeline.dequantise(items)
@@ -134,7 +143,7 @@ class AutoBridge:
     # --- Hugging Face side -------------------------------------------------------------------------
     def export_hf_weights(self, model, naming: str = OFFICIAL) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) of every Hugging Face tensor of the Megatron model, official names by default."""
-        (chunk,) = _unwrapped(model)
+        chunk = _single_chunk(model)
         mcore = MCoreNaming(detect_expert_layout(chunk.state_dict()))
         items = pipeline.read_module(chunk)
         items = pipeline.unshard(items, mcore, self.config.num_routed_experts, RankPosition.current())
@@ -145,7 +154,7 @@ class AutoBridge:
 
     def save_hf_pretrained(self, model, out_dir: str | os.PathLike, max_shard_bytes: int | None = None) -> str:
         """Write the Megatron model as an official-flavour checkpoint (safetensors + config.json)."""
-        (chunk,) = _unwrapped(model)
+        chunk = _single_chunk(model)
         write_safetensors(self.export_hf_weights(chunk), out_dir, max_shard_bytes=max_shard_bytes)
         mtp_layers = chunk.config.mtp_num_layers or 0
         dtype = str(chunk.config.params_dtype).removeprefix("torch.")

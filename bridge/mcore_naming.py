@@ -41,7 +41,9 @@ REPLICATED = Sharding()
 BY_HEADS = Sharding(dim=0, unit="attention heads")
 BY_O_GROUP_ROWS = Sharding(dim=0, unit="output-projection groups")
 BY_O_GROUP_COLUMNS = Sharding(dim=1, unit="output-projection groups")
+BY_INDEX_HEADS = Sharding(dim=0, unit="indexer heads")
 BY_VOCAB = Sharding(dim=0, unit="vocabulary rows")
+BY_HIDDEN_ROWS = Sharding(dim=0, unit="hidden units")
 GLU_COLUMNS = Sharding(dim=0, unit="ffn hidden units", glu=True)
 FFN_ROWS = Sharding(dim=1, unit="ffn hidden units")
 EXPERT_GLU_COLUMNS = Sharding(dim=0, unit="expert ffn hidden units", glu=True, by_expert=True)
@@ -89,8 +91,9 @@ ATTENTION_RULES = [
     _rule("self_attention.linear_o_down_proj.weight", "attn.wo_a.weight", sharding=BY_O_GROUP_ROWS),
     _rule("self_attention.linear_proj.weight", "attn.wo_b.weight", sharding=BY_O_GROUP_COLUMNS),
     *_compressor("self_attention.compressor", "attn.compressor"),
-    _rule("self_attention.indexer.linear_q_up_proj.weight", "attn.indexer.wq_b.weight"),
-    _rule("self_attention.indexer.linear_weights_proj.weight", "attn.indexer.weights_proj.weight"),
+    _rule("self_attention.indexer.linear_q_up_proj.weight", "attn.indexer.wq_b.weight", sharding=BY_INDEX_HEADS),
+    _rule("self_attention.indexer.linear_weights_proj.weight", "attn.indexer.weights_proj.weight",
+          sharding=BY_INDEX_HEADS),
     *_compressor("self_attention.indexer.compressor", "attn.indexer.compressor"),
 ]
 
@@ -140,8 +143,8 @@ TOP_RULES = [
 MTP_RULES = [
     _rule("enorm.weight", "enorm.weight"),
     _rule("hnorm.weight", "hnorm.weight"),
-    _rule("e_proj.weight", "e_proj.weight"),
-    _rule("h_proj.weight", "h_proj.weight"),
+    _rule("e_proj.weight", "e_proj.weight", sharding=BY_HIDDEN_ROWS),
+    _rule("h_proj.weight", "h_proj.weight", sharding=BY_HIDDEN_ROWS),
     *_hyper_connection("hc_head", "hc_head"),
     _rule("final_layernorm.weight", "norm.weight"),
 ]

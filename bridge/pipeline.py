@@ -218,7 +218,7 @@ def hf_from_mcore_state_dict(
     mcore = MCoreNaming(detect_expert_layout(mcore_state))
     if num_experts is None:
         num_experts = count_experts(mcore_state, mcore)
-    official = split(unshard(mcore_state.items(), mcore, max(num_experts, 1), RankPosition()), mcore)
+    official = split(unshard(mcore_state.items(), mcore, num_experts, RankPosition()), mcore)
     return dict(from_official(official, naming, num_experts))
 
 

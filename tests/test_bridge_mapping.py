@@ -277,3 +277,24 @@ def test_bf16_model_gets_the_checkpoint_rounded_to_bf16(single_rank, checkpoints
     assert model.decoder.layers[1].self_attention.linear_q_up_proj.weight.dtype == torch.bfloat16
     assert torch.equal(exported[weight].float(), source[weight].to(torch.bfloat16).float())
     assert torch.equal(exported["layers.0.ffn.gate.tid2eid"], source["layers.0.ffn.gate.tid2eid"])
+
+
+def test_sharding_rules_agree_with_the_models_parallel_layers(single_rank, checkpoints):
+    # the model's own tensor-parallel attributes (set by Megatron-Core's parallel linears) are the reference
+    bridge = AutoBridge.from_hf_pretrained(checkpoints[OFFICIAL])
+    (model,) = bridge.to_megatron_model(dtype=torch.float32, load_weights=False)
+    naming = MCoreNaming()
+    modules = dict(model.named_modules())
+    checked = 0
+    for name, param in model.named_parameters():
+        sharding = naming.from_mcore(name).rule.sharding
+        split_dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+        is_expert = getattr(modules[name.rpartition(".")[0]], "is_expert", False)
+        assert (sharding.dim, sharding.by_expert) == (split_dim, is_expert), name
+        checked += sharding.dim is not None
+    assert checked > 20
+    parameters = dict(model.named_parameters())
+    buffers = [n for n, t in model.state_dict().items() if n not in parameters and t is not None]
+    assert any(n.endswith("tid2eid") for n in buffers) and any(n.endswith("expert_bias") for n in buffers)
+    for name in buffers:  # router tables and biases are replicated
+        assert naming.from_mcore(name).rule.sharding.dim is None, name
