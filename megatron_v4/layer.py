@@ -19,6 +19,7 @@ tokens it holds (this rank's slice under sequence parallelism).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -191,12 +192,22 @@ class DeepSeekV4TransformerBlock(MegatronModule):
             token_ids = token_ids.chunk(tp_size, dim=0)[get_pg_rank(self.tp_group)]
         return token_ids.contiguous()
 
-    def _layer_forward(self, layer, hidden_states, attention_mask, position_ids, token_ids):
-        if self.config.recompute_granularity == "full" and self.training:
-            return tensor_parallel.checkpoint(
-                layer, False, hidden_states, attention_mask, position_ids, token_ids
-            )
-        return layer(hidden_states, attention_mask, position_ids, token_ids)
+    def _run_layers(self, streams, attention_mask, position_ids, token_ids, *, first, last):
+        for layer in self.layers[first:last]:
+            streams = layer(streams, attention_mask, position_ids, token_ids)
+        return streams
+
+    def _layer_spans(self) -> list[tuple[int, int, bool]]:
+        """(first, last, recompute) spans of layers, following Megatron's full-recompute settings:
+        `uniform` checkpoints every group of `recompute_num_layers` layers, `block` checkpoints
+        the first `recompute_num_layers` layers one by one."""
+        count = len(self.layers)
+        if not (self.config.recompute_granularity == "full" and self.training):
+            return [(0, count, False)]
+        chunk = self.config.recompute_num_layers
+        if self.config.recompute_method == "uniform":
+            return [(i, min(i + chunk, count), True) for i in range(0, count, chunk)]
+        return [(i, i + 1, i < chunk) for i in range(count)]
 
     def forward(
         self,
@@ -218,8 +229,10 @@ class DeepSeekV4TransformerBlock(MegatronModule):
         else:
             streams = self.input_tensor
         token_ids = self.local_token_ids(token_ids)
-        for layer in self.layers:
-            streams = self._layer_forward(layer, streams, attention_mask, position_ids, token_ids)
+        for first, last, recompute in self._layer_spans():
+            run = functools.partial(self._run_layers, first=first, last=last)
+            args = (streams, attention_mask, position_ids, token_ids)
+            streams = tensor_parallel.checkpoint(run, False, *args) if recompute else run(*args)
         return streams
 
     def collapse_streams(self, streams: torch.Tensor) -> torch.Tensor:

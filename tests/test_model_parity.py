@@ -304,15 +304,14 @@ def assert_grads_match(ours: torch.nn.Module, expected: dict[str, torch.Tensor],
 
 
 # ----------------------------------------------------------------------------- fp32 parity
-@pytest.mark.parametrize("tiny", CONFIGS, ids=[c.name for c in CONFIGS])
-def test_fp32_logits_loss_and_grads_match_transformers(layout, tiny: TinyConfig):
+def check_against_transformers(tiny: TinyConfig, layout, seq_lens, tag: str, **overrides) -> None:
     hf = hf_model(tiny)
-    ours = build_ours(our_config(tiny, layout))
+    ours = build_ours(our_config(tiny, layout, **overrides))
     load_from_hf(ours, hf, len(tiny.compress_ratios))
     hf.train()
     ours.train()
 
-    for seq in tiny.seq_lens:
+    for seq in seq_lens:
         generator = torch.Generator().manual_seed(seq)
         input_ids = torch.randint(0, hf.config.vocab_size, (2, seq), generator=generator)
         hf.zero_grad(set_to_none=True)
@@ -322,7 +321,7 @@ def test_fp32_logits_loss_and_grads_match_transformers(layout, tiny: TinyConfig)
         logits = ours(input_ids)
         diff = (logits - hf_out.logits).abs().max().item()
         scale = hf_out.logits.abs().max().item()
-        print(f"[{tiny.name} seq={seq}] logits max|diff|={diff:.3e} rel={diff / scale:.3e}")
+        print(f"[{tag} seq={seq}] logits max|diff|={diff:.3e} rel={diff / scale:.3e}")
         assert diff <= 1e-4 and diff <= 1e-5 * scale, (seq, diff, scale)
 
         if seq > 1:
@@ -331,7 +330,7 @@ def test_fp32_logits_loss_and_grads_match_transformers(layout, tiny: TinyConfig)
             assert per_token.shape == (2, seq)
             loss = per_token[:, :-1].mean()
             loss_diff = abs(loss.item() - hf_out.loss.item())
-            print(f"[{tiny.name} seq={seq}] loss ours={loss.item():.6f} hf={hf_out.loss.item():.6f}")
+            print(f"[{tag} seq={seq}] loss ours={loss.item():.6f} hf={hf_out.loss.item():.6f}")
             assert loss_diff <= 1e-5 * abs(hf_out.loss.item()), loss_diff
             hf_loss = hf_out.loss
         else:
@@ -342,7 +341,25 @@ def test_fp32_logits_loss_and_grads_match_transformers(layout, tiny: TinyConfig)
         loss.backward()
 
         hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
-        assert_grads_match(ours, hf_to_ours(hf_grads, len(tiny.compress_ratios)), f"{tiny.name} seq={seq}")
+        assert_grads_match(ours, hf_to_ours(hf_grads, len(tiny.compress_ratios)), f"{tag} seq={seq}")
+
+
+@pytest.mark.parametrize("tiny", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_fp32_logits_loss_and_grads_match_transformers(layout, tiny: TinyConfig):
+    check_against_transformers(tiny, layout, tiny.seq_lens, tiny.name)
+
+
+@pytest.mark.parametrize("method", ["uniform", "block"])
+def test_full_activation_recompute_matches_transformers(layout, method: str):
+    check_against_transformers(
+        CONFIGS[0],
+        layout,
+        (9,),
+        f"recompute-{method}",
+        recompute_granularity="full",
+        recompute_method=method,
+        recompute_num_layers=2,
+    )
 
 # ----------------------------------------------------------------------------- bfloat16
 def transformers_bf16(hf: DeepseekV4ForCausalLM, tmp_path) -> DeepseekV4ForCausalLM:
