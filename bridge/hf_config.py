@@ -149,9 +149,14 @@ DTYPE_KEYS = ("torch_dtype", "dtype")
 
 # Keys only one flavour has; seeing one of them decides the flavour.
 OFFICIAL_ONLY_KEYS = ("compress_ratios", "num_hash_layers", "rope_scaling")
-TRANSFORMERS_ONLY_KEYS = ("layer_types", "compress_rates", "mlp_layer_types", "partial_rotary_factor", "rope_parameters")
+TRANSFORMERS_ONLY_KEYS = (
+    "layer_types", "compress_rates", "mlp_layer_types", "partial_rotary_factor", "rope_parameters"
+)
 # transformers writes its runtime attribute `qk_rope_head_dim` too; in its flavour it must agree.
-FLAVOUR_KEYS = {OFFICIAL: OFFICIAL_ONLY_KEYS + ("qk_rope_head_dim",), TRANSFORMERS: TRANSFORMERS_ONLY_KEYS + ("qk_rope_head_dim",)}
+FLAVOUR_KEYS = {
+    OFFICIAL: OFFICIAL_ONLY_KEYS + ("qk_rope_head_dim",),
+    TRANSFORMERS: TRANSFORMERS_ONLY_KEYS + ("qk_rope_head_dim",),
+}
 
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")
 SUPPORTED_QUANT_METHODS = ("fp8",)
@@ -249,12 +254,17 @@ def _read_official(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _read_transformers(raw: Mapping[str, Any]) -> dict[str, Any]:
-    rates = {**{"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}, **(raw.get("compress_rates") or {})}
+    return {**_transformers_layer_schedule(raw), **_transformers_rope(raw)}
+
+
+def _transformers_layer_schedule(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """compress_ratios and num_hash_layers from layer_types, compress_rates and mlp_layer_types."""
+    default_rates = {t: r for t, r in RATIO_OF_LAYER_TYPE.items() if r}
+    rates = {**default_rates, **(raw.get("compress_rates") or {})}
     for layer_type, rate in rates.items():
         if RATIO_OF_LAYER_TYPE.get(layer_type) != rate:
             raise UnsupportedConfigError(
-                f"unsupported compress_rates[{layer_type!r}]={rate}; DeepSeek-V4 uses "
-                f"{ {t: r for t, r in RATIO_OF_LAYER_TYPE.items() if r} }"
+                f"unsupported compress_rates[{layer_type!r}]={rate}; DeepSeek-V4 uses {default_rates}"
             )
     layer_types = _required(raw, "layer_types")
     unknown = sorted({t for t in layer_types if t not in RATIO_OF_LAYER_TYPE})
@@ -269,35 +279,37 @@ def _read_transformers(raw: Mapping[str, Any]) -> dict[str, Any]:
         raise UnsupportedConfigError(
             f"unsupported mlp_layer_types {mlp_types}; hash_moe layers must come first, then moe layers"
         )
-    head_dim = _required(raw, "head_dim")
+    return dict(compress_ratios=tuple(RATIO_OF_LAYER_TYPE[t] for t in layer_types), num_hash_layers=num_hash)
+
+
+def _transformers_rope(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """RoPE dims, bases and YaRN from partial_rotary_factor and rope_parameters {"main", "compress"}."""
     rope = raw.get("rope_parameters") or {}
     main, compress = rope.get("main") or {}, rope.get("compress") or {}
-    rope_dim = round(head_dim * raw.get("partial_rotary_factor", compress.get("partial_rotary_factor", 0.125)))
+    factor = raw.get("partial_rotary_factor", compress.get("partial_rotary_factor", 0.125))
+    rope_dim = round(_required(raw, "head_dim") * factor)
     if "qk_rope_head_dim" in raw and raw["qk_rope_head_dim"] != rope_dim:
         raise UnsupportedConfigError(
             f"qk_rope_head_dim={raw['qk_rope_head_dim']} disagrees with partial_rotary_factor*head_dim={rope_dim}"
         )
-    values = dict(compress_ratios=tuple(RATIO_OF_LAYER_TYPE[t] for t in layer_types), num_hash_layers=num_hash,
-                  qk_rope_head_dim=rope_dim)
     if main.get("rope_type", "default") != "default":
         raise UnsupportedConfigError(
             f"unsupported rope_parameters['main'] rope_type={main['rope_type']!r}; sliding layers use plain RoPE"
         )
-    values["rope_theta"] = main.get("rope_theta", raw.get("rope_theta", 10000.0))
-    values["compress_rope_theta"] = compress.get("rope_theta", raw.get("compress_rope_theta", 160000.0))
     compress_type = compress.get("rope_type", compress.get("type", "default"))
-    if compress_type == "yarn":
-        if compress.get("attention_factor", 1.0) != 1.0:
-            raise UnsupportedConfigError(
-                f"unsupported rope_parameters['compress'] attention_factor={compress['attention_factor']}; "
-                "DeepSeek-V4's YaRN does not scale attention (attention_factor 1.0)"
-            )
-        values["yarn"] = _yarn_from_dict(compress, "rope_parameters['compress']")
-    elif compress_type == "default":
-        values["yarn"] = None
-    else:
+    if compress_type not in ("yarn", "default"):
         raise UnsupportedConfigError(f"unsupported rope_parameters['compress'] rope_type={compress_type!r}")
-    return values
+    if compress_type == "yarn" and compress.get("attention_factor", 1.0) != 1.0:
+        raise UnsupportedConfigError(
+            f"unsupported rope_parameters['compress'] attention_factor={compress['attention_factor']}; "
+            "DeepSeek-V4's YaRN does not scale attention (attention_factor 1.0)"
+        )
+    return dict(
+        qk_rope_head_dim=rope_dim,
+        rope_theta=main.get("rope_theta", raw.get("rope_theta", 10000.0)),
+        compress_rope_theta=compress.get("rope_theta", raw.get("compress_rope_theta", 160000.0)),
+        yarn=_yarn_from_dict(compress, "rope_parameters['compress']") if compress_type == "yarn" else None,
+    )
 
 
 FLAVOUR_READERS = {OFFICIAL: _read_official, TRANSFORMERS: _read_transformers}

@@ -125,7 +125,9 @@ TRANSFORMERS_MODULE_NAMING = HFNaming(
         "ffn.shared_experts.w3.weight": "mlp.shared_experts.up_proj.weight",
     },
     stacked_experts=(
-        StackedExperts("mlp.experts.gate_up_proj", ("ffn.experts.{expert}.w1.weight", "ffn.experts.{expert}.w3.weight")),
+        StackedExperts(
+            "mlp.experts.gate_up_proj", ("ffn.experts.{expert}.w1.weight", "ffn.experts.{expert}.w3.weight")
+        ),
         StackedExperts("mlp.experts.down_proj", ("ffn.experts.{expert}.w2.weight",)),
     ),
 )

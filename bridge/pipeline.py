@@ -100,7 +100,9 @@ def fuse(items: Items, mcore: MCoreNaming) -> Iterator[tuple[str, torch.Tensor]]
         raise KeyError(f"checkpoint lacks {missing}, needed with its partner(s) to build {name!r}")
 
 
-def shard(items: Items, mcore: MCoreNaming, num_experts: int, ranks: RankPosition) -> Iterator[tuple[str, torch.Tensor]]:
+def shard(
+    items: Items, mcore: MCoreNaming, num_experts: int, ranks: RankPosition
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Keep this rank's part of each full Megatron-Core tensor (global expert index -> local)."""
     experts_per_rank = _experts_per_rank(num_experts, ranks)
     for name, tensor in items:
@@ -164,7 +166,9 @@ def read_module(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor.detach()
 
 
-def unshard(items: Items, mcore: MCoreNaming, num_experts: int, ranks: RankPosition) -> Iterator[tuple[str, torch.Tensor]]:
+def unshard(
+    items: Items, mcore: MCoreNaming, num_experts: int, ranks: RankPosition
+) -> Iterator[tuple[str, torch.Tensor]]:
     """This rank's Megatron-Core tensors -> full tensors with global expert indices."""
     if not ranks.single:
         raise NotImplementedError(

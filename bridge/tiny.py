@@ -146,8 +146,10 @@ def make_tiny_mtp(cfg: DeepSeekV4HFConfig = TINY, seed: int = 0) -> dict[str, to
     out = {}
     for k in range(cfg.num_nextn_predict_layers):
         templates = {f"mtp.{k}.{name}": torch.empty(shape) for name, shape in shapes.items()}
+        block_prefix = "layers.0."
         templates.update(
-            {f"mtp.{k}.{name[len('layers.0.'):]}": t for name, t in block_official.items() if name.startswith("layers.0.")}
+            {f"mtp.{k}.{name.removeprefix(block_prefix)}": t
+             for name, t in block_official.items() if name.startswith(block_prefix)}
         )
         out.update(randomise_official(templates, seed + 1000 + k, cfg.num_routed_experts))
     return out
@@ -186,7 +188,9 @@ def make_tiny_checkpoint(
     elif flavour == TRANSFORMERS_MODULE:
         model.config.save_pretrained(out_dir)
     else:
-        raise ValueError(f"unknown flavour {flavour!r}; use {OFFICIAL!r}, {TRANSFORMERS_SAVED!r} or {TRANSFORMERS_MODULE!r}")
+        raise ValueError(
+            f"unknown flavour {flavour!r}; use {OFFICIAL!r}, {TRANSFORMERS_SAVED!r} or {TRANSFORMERS_MODULE!r}"
+        )
     if with_mtp:
         state.update({k: v.to(dtype) for k, v in make_tiny_mtp(cfg, seed).items()})
     write_safetensors(state.items(), out_dir, max_shard_bytes=max_shard_bytes)

@@ -162,7 +162,8 @@ def test_unsupported_transformers_configs_name_the_problem():
     with pytest.raises(UnsupportedConfigError, match="hash_moe layers must come first"):
         read_hf_config({**saved, "mlp_layer_types": ["moe", "hash_moe"] + ["moe"] * 41})
     with pytest.raises(UnsupportedConfigError, match="attention_factor"):
-        rope = {**saved["rope_parameters"], "compress": {**saved["rope_parameters"]["compress"], "attention_factor": 1.3}}
+        compress = {**saved["rope_parameters"]["compress"], "attention_factor": 1.3}
+        rope = {**saved["rope_parameters"], "compress": compress}
         read_hf_config({**saved, "rope_parameters": rope})
     with pytest.raises(UnsupportedConfigError, match="neither"):
         read_hf_config({"model_type": "deepseek_v4", "hidden_size": 64})

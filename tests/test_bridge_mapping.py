@@ -100,7 +100,8 @@ def test_megatron_tensors_follow_the_contract(checkpoints):
         assert torch.equal(fc1, torch.cat([hf[f"layers.2.ffn.experts.{e}.w1.weight"],
                                            hf[f"layers.2.ffn.experts.{e}.w3.weight"]]))
     assert torch.equal(mcore["decoder.layers.3.mlp.shared_experts.linear_fc1.weight"],
-                       torch.cat([hf["layers.3.ffn.shared_experts.w1.weight"], hf["layers.3.ffn.shared_experts.w3.weight"]]))
+                       torch.cat([hf["layers.3.ffn.shared_experts.w1.weight"],
+                                  hf["layers.3.ffn.shared_experts.w3.weight"]]))
     pairs = {
         "embedding.word_embeddings.weight": "embed.weight",
         "output_layer.weight": "head.weight",
@@ -110,7 +111,8 @@ def test_megatron_tensors_follow_the_contract(checkpoints):
         "decoder.layers.1.self_attention.attn_sink": "layers.1.attn.attn_sink",
         "decoder.layers.1.self_attention.linear_o_down_proj.weight": "layers.1.attn.wo_a.weight",
         "decoder.layers.1.self_attention.linear_proj.weight": "layers.1.attn.wo_b.weight",
-        "decoder.layers.1.self_attention.indexer.linear_weights_proj.weight": "layers.1.attn.indexer.weights_proj.weight",
+        "decoder.layers.1.self_attention.indexer.linear_weights_proj.weight":
+            "layers.1.attn.indexer.weights_proj.weight",
         "decoder.layers.1.self_attention.indexer.compressor.ape": "layers.1.attn.indexer.compressor.ape",
         "decoder.layers.2.self_attention.compressor.norm.weight": "layers.2.attn.compressor.norm.weight",
         "decoder.layers.0.mlp.router.tid2eid": "layers.0.ffn.gate.tid2eid",
@@ -191,7 +193,8 @@ def test_shard_step_splits_by_the_rules():
         **{f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc2.weight": torch.full((2, 2), float(e))
            for e in range(4)},
     }
-    got = dict(shard(full.items(), mcore, num_experts=4, ranks=RankPosition(tp_rank=1, tp_size=2, ep_rank=1, ep_size=2)))
+    ranks = RankPosition(tp_rank=1, tp_size=2, ep_rank=1, ep_size=2)
+    got = dict(shard(full.items(), mcore, num_experts=4, ranks=ranks))
     assert torch.equal(got["decoder.layers.0.mlp.shared_experts.linear_fc1.weight"], torch.cat([w1[4:], w3[4:]]))
     assert torch.equal(got["decoder.layers.0.mlp.shared_experts.linear_fc2.weight"], w2[:, 4:])
     assert torch.equal(got["decoder.layers.0.self_attention.linear_q_up_proj.weight"], q_up[6:])
