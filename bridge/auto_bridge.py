@@ -12,6 +12,7 @@ wires a weight source, a config and the current parallel layout into it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Iterator
 
@@ -25,6 +26,7 @@ from bridge.pipeline import RankPosition
 from bridge.safetensors_io import SafetensorsCheckpoint, write_safetensors
 
 MTP_PREFIX = "mtp."
+logger = logging.getLogger(__name__)
 
 
 class StateDictWeights:
@@ -84,7 +86,9 @@ class AutoBridge:
         else:
             config = read_hf_config(source)
             weights = SafetensorsCheckpoint(source)
-        return cls(config, weights, detect_naming(weights.names()))
+        bridge = cls(config, weights, detect_naming(weights.names()))
+        logger.info("DeepSeek-V4 weights found: %r", bridge)
+        return bridge
 
     # --- Megatron-Core side ------------------------------------------------------------------------
     @property
