@@ -24,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.transformer.transformer_layer import MlpBuilder, get_transformer_layer_offset
 from megatron.core.transformer.utils import sharded_state_dict_default
 from megatron.core.utils import get_pg_rank, get_pg_size
 
@@ -44,8 +44,7 @@ class DeepSeekV4LayerSubmodules:
     input_layernorm: ModuleSpec | type
     self_attention: ModuleSpec | type
     pre_mlp_layernorm: ModuleSpec | type
-    mlp: object
-    """A Megatron-Core MLP builder: called with config, pg_collection, is_mtp_layer."""
+    mlp: MlpBuilder
 
 
 class DeepSeekV4TransformerLayer(MegatronModule):
@@ -61,14 +60,12 @@ class DeepSeekV4TransformerLayer(MegatronModule):
         submodules: DeepSeekV4LayerSubmodules,
         layer_number: int = 1,
         pg_collection: ProcessGroupCollection | None = None,
-        vp_stage: int | None = None,
         is_mtp_layer: bool = False,
     ):
         super().__init__(config)
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.layer_number = layer_number
-        self.is_mtp_layer = is_mtp_layer
         hidden, eps = config.hidden_size, config.layernorm_epsilon
 
         self.hc_attn = HyperConnection(config)
@@ -103,13 +100,9 @@ class DeepSeekV4TransformerLayer(MegatronModule):
         position_ids [batch, seq] (full sequence), token_ids [seq, batch] (this rank's tokens).
         """
         x, post, comb = self.hc_attn(hidden_states)
-        attention_output = self.self_attention(
+        attention_output, _ = self.self_attention(
             self.input_layernorm(x), attention_mask=attention_mask, position_ids=position_ids
         )
-        if isinstance(attention_output, tuple):
-            attention_output, attention_bias = attention_output
-            if attention_bias is not None:
-                raise ValueError("DeepSeek-V4 attention has no output bias; build it with bias=False")
         hidden_states = HyperConnection.expand(attention_output, hidden_states, post, comb)
 
         x, post, comb = self.hc_ffn(hidden_states)
@@ -165,7 +158,6 @@ class DeepSeekV4TransformerBlock(MegatronModule):
                 config=config,
                 layer_number=self.layer_offset + i + 1,
                 pg_collection=pg_collection,
-                vp_stage=vp_stage,
             )
             for i in range(num_local)
         )

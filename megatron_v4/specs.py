@@ -60,6 +60,8 @@ def _backend(use_te: bool) -> BackendSpecProvider:
 
 
 def _moe_builder(config: DeepSeekV4TransformerConfig, backend: BackendSpecProvider, hash_routed: bool):
+    if not config.num_moe_experts:
+        raise ValueError("every DeepSeek-V4 layer is a mixture of experts; set config.num_moe_experts")
     mcore_moe = get_moe_module_spec_for_backend(
         backend=backend,
         num_experts=config.num_moe_experts,

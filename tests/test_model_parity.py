@@ -533,3 +533,23 @@ def test_sharded_state_dict_round_trip(layout, tmp_path):
     for (name, before), after in zip(saved.state_dict().items(), loaded.state_dict().values()):
         if torch.is_tensor(before):
             assert torch.equal(before, after), name
+
+
+def test_routing_tensors_are_buffers_where_the_checkpoint_expects_them(layout):
+    tiny = CONFIGS[1]  # two hash layers, then learned routing
+    ours = build_ours(our_config(tiny, layout, mtp=1))
+    params, buffers = dict(ours.named_parameters()), dict(ours.named_buffers())
+    persistent = set(ours.state_dict())
+    for i in range(len(tiny.compress_ratios)):
+        router = f"decoder.layers.{i}.mlp.router."
+        if i < tiny.num_hash_layers:
+            assert buffers[router + "tid2eid"].dtype == torch.int64
+            assert buffers[router + "tid2eid"].shape == (97, 2)
+            assert router + "expert_bias" not in persistent
+        else:
+            assert buffers[router + "expert_bias"].dtype == torch.float32
+            assert router + "tid2eid" not in persistent
+        assert router + "tid2eid" not in params and router + "expert_bias" not in params
+        assert {router + "tid2eid", router + "expert_bias"} & persistent
+    assert "mtp.layers.0.transformer_layer.mlp.router.expert_bias" in persistent
+    assert not any("tid2eid" in name for name in persistent if name.startswith("mtp."))
