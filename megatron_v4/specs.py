@@ -59,13 +59,12 @@ def _backend(use_te: bool) -> BackendSpecProvider:
     return TESpecProvider()
 
 
-def _moe_builder(config: DeepSeekV4TransformerConfig, backend: BackendSpecProvider, hash_routed: bool):
+def _moe_builder(config: DeepSeekV4TransformerConfig, use_te: bool, hash_routed: bool):
     if not config.num_moe_experts:
         raise ValueError("every DeepSeek-V4 layer is a mixture of experts; set config.num_moe_experts")
+    # TE flavour: TEGroupedMLP experts (the contract's `experts.linear_fc1.weight{e}` names).
     mcore_moe = get_moe_module_spec_for_backend(
-        backend=backend,
-        num_experts=config.num_moe_experts,
-        moe_grouped_gemm=config.moe_grouped_gemm,
+        backend=_backend(use_te), num_experts=config.num_moe_experts, moe_grouped_gemm=use_te
     )
     submodules = dataclasses.replace(
         mcore_moe.keywords["submodules"], router=HashRouter if hash_routed else TopKRouter
@@ -92,7 +91,7 @@ def _layer_spec(
             input_layernorm=norm,
             self_attention=_attention_spec(compress_ratio, use_te),
             pre_mlp_layernorm=norm,
-            mlp=_moe_builder(config, backend, hash_routed),
+            mlp=_moe_builder(config, use_te, hash_routed),
         ),
     )
 
