@@ -107,6 +107,11 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
             raise ValueError(
                 f"num_hash_layers={self.num_hash_layers} must be between 0 and num_layers={self.num_layers}"
             )
+        if self.num_moe_experts and self.moe_router_topk < 2:
+            raise ValueError(
+                f"moe_router_topk={self.moe_router_topk}: Megatron-Core's router skips the weight "
+                "normalisation for a single expert, DeepSeek-V4 normalises; use moe_router_topk >= 2"
+            )
         if self.moe_apply_probs_on_input:
             raise ValueError(
                 "moe_apply_probs_on_input=True scales the expert input, but DeepSeek-V4 weights the "
