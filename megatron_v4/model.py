@@ -9,8 +9,11 @@ MTP loss is added to the gradients (see `megatron_v4.mtp`) when labels are given
 Pipeline parallelism: `pre_process` stages embed, the others take the
 previous stage's streams through `set_input_tensor`; `post_process` stages
 collapse the streams, run MTP and the output layer. Every stage needs the
-token ids (hash routing) and returns, before the last, the streams
-[seq, batch, hc_mult, hidden].
+token ids (hash routing). Between stages the hc_mult residual streams travel
+as one 3-d tensor [seq, batch * hc_mult, hidden] (a view, no copy), which is
+what Megatron-Core's schedules send: run them with
+`micro_batch_size = batch * hc_mult` (their receive buffers are
+[seq_length, micro_batch_size, hidden_size]) or with `variable_seq_lengths`.
 """
 
 from __future__ import annotations
@@ -102,10 +105,13 @@ class DeepSeekV4Model(LanguageModule):
             self.setup_embeddings_and_output_layer()
 
     def set_input_tensor(self, input_tensor) -> None:
+        """The previous pipeline stage's output, [seq, batch * hc_mult, hidden]."""
         if isinstance(input_tensor, list):
             if len(input_tensor) != 1:
                 raise ValueError(f"expected one input tensor per stage, got {len(input_tensor)}")
             input_tensor = input_tensor[0]
+        if input_tensor is not None:
+            input_tensor = input_tensor.unflatten(1, (-1, self.config.hc_mult))
         self.decoder.set_input_tensor(input_tensor)
 
     def forward(
@@ -130,7 +136,7 @@ class DeepSeekV4Model(LanguageModule):
             decoder_input, attention_mask=attention_mask, position_ids=position_ids, token_ids=input_ids
         )
         if not self.post_process:
-            return streams
+            return streams.flatten(1, 2)
 
         hidden_states = self.decoder.collapse_streams(streams)
         if self.mtp_process and labels is not None:
