@@ -221,6 +221,23 @@ def _patch_reduce_scatter() -> None:
     dist.reduce_scatter_tensor = reduce_scatter_tensor
 
 
+# ----------------------------------------------------------------------- MoE
+def _patch_alltoall_split_sizes() -> None:
+    """transformer/moe/token_dispatcher.py `MoEAlltoAllTokenDispatcher` turns the
+    per-rank split sizes into host numpy arrays with `maybe_move_tensor_to_cpu(...,
+    as_numpy=True)`, which skips tensors that are already on the CPU; gloo's
+    `all_to_all_single` then receives tensors instead of sequences and fails."""
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 # ------------------------------------------------------------------------ norms
 def _patch_torch_norm_sequence_parallel() -> None:
     """transformer/torch_norm.py `WrappedTorchNorm` (the local spec's norm when
@@ -260,4 +277,5 @@ def apply() -> None:
     _patch_literal_cuda_factories()
     _patch_reduce_scatter()
     _patch_torch_norm_sequence_parallel()
+    _patch_alltoall_split_sizes()
     _APPLIED = True

@@ -12,6 +12,7 @@ import io
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 import time
 import traceback
@@ -33,6 +34,9 @@ def _free_port() -> int:
 
 
 def _rank_main(fn, rank, world_size, port, results, args, kwargs, threads):
+    # A process group of its own, so that the parent can kill the rank together with
+    # any helper processes it started (dist_checkpointing's writer manager, say).
+    os.setpgrp()
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -84,7 +88,9 @@ def run_on_ranks(
         ctx.Process(
             target=_rank_main,
             args=(fn, rank, world_size, port, results, args, kwargs, threads),
-            daemon=True,
+            # Not daemonic: ranks may start processes of their own (dist_checkpointing's
+            # writers do); the `finally` below kills whatever is left.
+            daemon=False,
         )
         for rank in range(world_size)
     ]
@@ -119,13 +125,25 @@ def run_on_ranks(
                 else:
                     continue
             if status == "error":
-                raise RankFailure(f"rank {rank} failed:\n{payload}")
+                # A peer that died silently is the root cause of a collective error here.
+                time.sleep(0.5)
+                dead = [
+                    f"rank {r} died with exit code {p.exitcode}; "
+                    for r, p in enumerate(procs)
+                    if r != rank and not p.is_alive() and p.exitcode not in (0, None)
+                ]
+                raise RankFailure(f"{''.join(dead)}rank {rank} failed:\n{payload}")
             outputs[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:
+        if len(outputs) == world_size:
+            # Let finished ranks exit normally so they shut down their own helpers.
+            for p in procs:
+                p.join(timeout=30)
         for p in procs:
-            if p.is_alive():
-                p.kill()
-        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             p.join(timeout=5)
         results.close()
     return [outputs[r] for r in range(world_size)]
