@@ -173,9 +173,9 @@ def randomise(model: torch.nn.Module, vocab: int, topk: int, num_experts: int) -
             tensor.uniform_(0.8, 1.2)
 
 
-def hf_model(tiny: TinyConfig, seed: int = 0, mtp: int = 0) -> DeepseekV4ForCausalLM:
+def hf_model(tiny: TinyConfig, seed: int = 0, mtp: int = 0, vocab: int = 97) -> DeepseekV4ForCausalLM:
     torch.manual_seed(seed)
-    config = hf_config(tiny, mtp=mtp)
+    config = hf_config(tiny, vocab=vocab, mtp=mtp)
     model = DeepseekV4ForCausalLM(config).float()
     randomise(model, config.vocab_size, config.num_experts_per_tok, config.n_routed_experts)
     return model
