@@ -125,7 +125,9 @@ class DeepSeekV4Model(LanguageModule):
     ) -> torch.Tensor:
         """input_ids [batch, seq] -> logits [batch, seq, vocab], or per-token loss [batch, seq] with labels.
 
-        position_ids default to 0..seq-1. `decoder_input` replaces the embedding on the first stage.
+        position_ids default to 0..seq-1. `loss_mask` [batch, seq] masks the MTP loss; the
+        returned main loss is unmasked (the caller's loss function masks it, as with GPTModel).
+        `decoder_input` replaces the embedding on the first stage.
         """
         if position_ids is None:
             seq = input_ids.shape[1]

@@ -46,7 +46,9 @@ class DeepSeekV4MoELayer(MoELayer):
         """hidden_states [seq, batch, hidden], token_ids [seq, batch] -> (output, None)."""
         if self.training and self.attn_tp_group.size() > 1 and not self.config.sequence_parallel:
             raise ValueError(
-                "MoE with tensor parallelism needs sequence_parallel=True during training"
+                "training MoE with tensor parallelism needs sequence_parallel=True: without it the "
+                "dispatcher gathers every TP rank's copy of the tokens and expert gradients count "
+                "them tensor_model_parallel_size times"
             )
         if self.moe_layer_recompute and self.training:
             output = tensor_parallel.checkpoint(self._moe_forward, False, hidden_states, token_ids)
