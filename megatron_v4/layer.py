@@ -50,8 +50,8 @@ class DeepSeekV4LayerSubmodules:
 class DeepSeekV4TransformerLayer(MegatronModule):
     """One decoder layer: attention and MoE, each wrapped in a hyper-connection.
 
-    `layer_number` is the global 1-based layer number (it picks the layer's
-    compress ratio and whether it is hash-routed in the spec builder).
+    `layer_number` is the global 1-based decoder layer number (the MTP depth for
+    MTP layers, as in Megatron-Core).
     """
 
     def __init__(

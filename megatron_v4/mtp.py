@@ -77,10 +77,11 @@ class DeepSeekV4MTPLayer(MegatronModule):
         )
         self.e_proj = build_module(submodules.e_proj, hidden, hidden, **projection)
         self.h_proj = build_module(submodules.h_proj, hidden, hidden, **projection)
+        # Numbered by MTP depth, as in Megatron-Core (its routers add num_layers for their logs).
         self.transformer_layer = build_module(
             submodules.transformer_layer,
             config=config,
-            layer_number=config.num_layers + layer_number,
+            layer_number=layer_number,
             pg_collection=pg_collection,
             is_mtp_layer=True,
         )

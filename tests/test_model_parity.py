@@ -553,3 +553,21 @@ def test_routing_tensors_are_buffers_where_the_checkpoint_expects_them(layout):
         assert {router + "tid2eid", router + "expert_bias"} & persistent
     assert "mtp.layers.0.transformer_layer.mlp.router.expert_bias" in persistent
     assert not any("tid2eid" in name for name in persistent if name.startswith("mtp."))
+
+
+def test_sequence_aux_loss_is_logged_per_layer_with_mtp(layout):
+    """Megatron-Core's balance losses work with our layers: learned routers (the MTP one included,
+    under Megatron's MTP numbering) record a value, the hash-routed layer none."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tiny = CONFIGS[0]
+    config = our_config(tiny, layout, mtp=1, moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-2)
+    ours = build_ours(config).train()
+    tracker = get_moe_metrics_tracker()
+    tracker._metrics.clear()
+    input_ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    ours(input_ids, labels=torch.roll(input_ids, -1, dims=1)).mean().backward()
+    values = tracker._metrics["seq_load_balancing_loss"].values
+    tracker._metrics.clear()
+    assert values.shape == (len(tiny.compress_ratios) + 1,)
+    assert values[0] == 0 and (values[1:] > 0).all(), values
