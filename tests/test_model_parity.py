@@ -558,16 +558,15 @@ def test_routing_tensors_are_buffers_where_the_checkpoint_expects_them(layout):
 def test_sequence_aux_loss_is_logged_per_layer_with_mtp(layout):
     """Megatron-Core's balance losses work with our layers: learned routers (the MTP one included,
     under Megatron's MTP numbering) record a value, the hash-routed layer none."""
-    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker, get_moe_metrics_tracker
 
     tiny = CONFIGS[0]
     config = our_config(tiny, layout, mtp=1, moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=1e-2)
     ours = build_ours(config).train()
-    tracker = get_moe_metrics_tracker()
-    tracker._metrics.clear()
+    destroy_moe_metrics_tracker()
     input_ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(0))
     ours(input_ids, labels=torch.roll(input_ids, -1, dims=1)).mean().backward()
-    values = tracker._metrics["seq_load_balancing_loss"].values
-    tracker._metrics.clear()
+    values = get_moe_metrics_tracker().metrics["seq_load_balancing_loss"].values
+    destroy_moe_metrics_tracker()
     assert values.shape == (len(tiny.compress_ratios) + 1,)
     assert values[0] == 0 and (values[1:] > 0).all(), values
