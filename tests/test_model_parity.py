@@ -3,9 +3,11 @@
 Random tiny transformers models (every bias, hc parameter, attention sink and
 ape made non-trivial) are copied into our model through an explicit map from
 transformers' in-memory names to the Megatron-Core names of the contract;
-logits, loss and every parameter's gradient are compared. The bfloat16 test
-compares our error to transformers' own bf16 error, and the MTP test checks
-the MTP logits and loss against a formula-level reference of spec section 5.
+logits, loss and every parameter's gradient are compared (also under full
+activation recompute). The bfloat16 test compares our error to transformers'
+own bf16 error; the MTP test checks the MTP logits, loss and gradients against
+a formula-level reference of spec section 5. Also: distributed-checkpoint round
+trip, where the routing tables live, Megatron's balance-loss logging.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-
 from megatron.core.transformer.module import Float16Module
+from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
 import megatron_v4
 from megatron_v4.config import DeepSeekV4TransformerConfig
