@@ -1,5 +1,9 @@
 """initialize()/destroy() and the rank harness."""
 
+import os
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -63,3 +67,21 @@ def test_rank_that_dies_is_reported():
 def test_hanging_ranks_time_out():
     with pytest.raises(RankFailure, match="timed out after 3s waiting for ranks \\[0, 1\\]"):
         run_on_ranks(pg.sleep_forever, 2, timeout=3)
+
+
+def test_initialize_under_torchrun():
+    probe = os.path.join(os.path.dirname(__file__), "torchrun_probe.py")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_port", str(_free_port()), probe],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0 tp_rank 0 tp_sum 1 backend gloo", "rank 1 tp_rank 1 tp_sum 1 backend gloo"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
