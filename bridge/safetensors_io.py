@@ -46,6 +46,10 @@ class SafetensorsCheckpoint:
     def names(self) -> list[str]:
         return list(self._file_of)
 
+    def file_of(self, name: str) -> str:
+        """The file that holds tensor `name`."""
+        return self._file_of[name]
+
     def files(self) -> list[str]:
         return sorted(set(self._file_of.values()))
 

@@ -5,6 +5,13 @@ filled with non-trivial random values (no zero biases, sinks or `ape`, no
 identity hyper-connections), with all three attention kinds (ratios 0, 4, 128),
 hash-routed layers, several output groups and 16 indexer heads. transformers
 builds no MTP layer, so the official flavour gets synthesised MTP tensors.
+
+`quantised=True` stores the official flavour the way the released checkpoints do:
+FP8 e4m3 with block scales for the attention and shared-expert projections, FP4
+e2m1 with E8M0 scales per 32 inputs for the routed experts, the other weights in
+bf16 and the hyper-connection, sink, `ape` and gate-bias tensors in fp32. Some
+blocks get a scale twice the smallest sufficient one (as when a block's largest
+value was rounded down), so that re-quantising by amax alone cannot reproduce them.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 
 from bridge.hf_config import DeepSeekV4HFConfig, YarnScaling, transformers_config, write_official_config
 from bridge.hf_naming import OFFICIAL, TRANSFORMERS_MODULE, TRANSFORMERS_SAVED, TRANSLATORS
+from bridge.quantisation import DEFAULT_FP8_BLOCK, E8M0, FP4, FP4_GROUP, FP8, SourceFormat, quantise_with_scale, requantise
 from bridge.safetensors_io import write_safetensors
 
 TINY = DeepSeekV4HFConfig(
@@ -155,6 +163,43 @@ def make_tiny_mtp(cfg: DeepSeekV4HFConfig = TINY, seed: int = 0) -> dict[str, to
     return out
 
 
+# --- quantised storage like the released checkpoints ---------------------------------------------
+FP8_WEIGHTS = r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|shared_experts\.w[123])\.weight$"
+FP4_WEIGHTS = r"\.experts\.\d+\.w[123]\.weight$"
+FP32_TENSORS = r"(hc_\w+_(fn|base|scale)|attn_sink|\.ape|gate\.bias)$"
+
+
+def _quantised_like_release(weight: torch.Tensor, fmt: SourceFormat, g: torch.Generator):
+    """(stored weight, scale): amax scales, a quarter of the blocks' scales doubled."""
+    _, scale, _ = requantise(weight, fmt)
+    doubled = torch.rand(scale.shape, generator=g) < 0.25
+    if scale.dtype == E8M0:
+        bits = scale.view(torch.uint8)
+        scale = torch.where(doubled, bits + 1, bits).view(E8M0)
+    else:
+        scale = torch.where(doubled, scale * 2, scale)
+    return quantise_with_scale(weight, fmt, scale), scale
+
+
+def quantise_like_release(
+    state: dict[str, torch.Tensor], seed: int, fp8_block=DEFAULT_FP8_BLOCK, fp8_scale_dtype: torch.dtype = E8M0
+) -> dict[str, torch.Tensor]:
+    """Official-named tensors stored as in the released checkpoints (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    out = {}
+    for name, tensor in state.items():
+        if re.search(FP4_WEIGHTS, name):
+            fmt = SourceFormat("int8", FP4, "float8_e8m0fnu", (1, FP4_GROUP))
+        elif re.search(FP8_WEIGHTS, name):
+            fmt = SourceFormat("float8_e4m3fn", FP8, str(fp8_scale_dtype).removeprefix("torch."), tuple(fp8_block))
+        else:
+            keep_fp32 = re.search(FP32_TENSORS, name) or not tensor.is_floating_point()
+            out[name] = tensor if keep_fp32 else tensor.to(torch.bfloat16)
+            continue
+        out[name], out[name.removesuffix(".weight") + ".scale"] = _quantised_like_release(tensor, fmt, g)
+    return out
+
+
 def make_tiny_checkpoint(
     out_dir: str | os.PathLike,
     flavour: str = OFFICIAL,
@@ -163,6 +208,9 @@ def make_tiny_checkpoint(
     with_mtp: bool | None = None,
     max_shard_bytes: int | None = None,
     dtype: torch.dtype = torch.float32,
+    quantised: bool = False,
+    fp8_block: tuple[int, int] = DEFAULT_FP8_BLOCK,
+    fp8_scale_dtype: torch.dtype = E8M0,
 ) -> str:
     """Write a random tiny DeepSeek-V4 checkpoint (safetensors + config.json) in one of the three namings.
 
@@ -170,8 +218,12 @@ def make_tiny_checkpoint(
     `transformers-saved`: transformers' own `save_pretrained` (no MTP: transformers has none).
     `transformers-module`: the in-memory `state_dict()` names, transformers config.
     `max_shard_bytes` splits the weights over several files plus an index.
+    `quantised` (official flavour only) stores FP8/FP4 tensors as the released checkpoints do,
+    FP8 with `fp8_block` blocks and `fp8_scale_dtype` (E8M0 or fp32) scales.
     Returns `out_dir`.
     """
+    if quantised and flavour != OFFICIAL:
+        raise ValueError("quantised tiny checkpoints are official-flavour only (like the released ones)")
     out_dir = os.fspath(out_dir)
     model = make_tiny_model(cfg, seed).to(dtype)
     with_mtp = (flavour == OFFICIAL) if with_mtp is None else with_mtp
@@ -184,7 +236,12 @@ def make_tiny_checkpoint(
     state = dict(model.state_dict())
     if flavour == OFFICIAL:
         state = dict(TRANSLATORS[TRANSFORMERS_MODULE].to_official(state.items()))
-        write_official_config(dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch.")), out_dir)
+        written = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."))
+        if quantised:
+            quant = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(fp8_block),
+                     "scale_fmt": "ue8m0" if fp8_scale_dtype == E8M0 else "float32"}
+            written = dataclasses.replace(written, dtype="bfloat16", quantization_config=quant, expert_dtype="fp4")
+        write_official_config(written, out_dir)
     elif flavour == TRANSFORMERS_MODULE:
         model.config.save_pretrained(out_dir)
     else:
@@ -193,5 +250,7 @@ def make_tiny_checkpoint(
         )
     if with_mtp:
         state.update({k: v.to(dtype) for k, v in make_tiny_mtp(cfg, seed).items()})
+    if quantised:
+        state = quantise_like_release(state, seed, fp8_block, fp8_scale_dtype)
     write_safetensors(state.items(), out_dir, max_shard_bytes=max_shard_bytes)
     return out_dir

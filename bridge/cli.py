@@ -1,0 +1,93 @@
+"""`python -m bridge import|export|verify`: convert DeepSeek-V4 checkpoints between Hugging Face and Megatron-Core.
+
+    python -m bridge import --hf DIR --out DIR [--dtype bf16|fp32] [--force]
+    python -m bridge export --mcore DIR --out DIR [--dtype source|bf16] [--force]
+    python -m bridge verify --hf DIR --mcore DIR [--sequences 3 --seq-len 48]
+
+Every failure is one line on stderr naming the file, tensor or key, with a non-zero
+exit code; a failed conversion leaves no output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+IMPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+EXIT_FAILED = 1
+EXIT_MISMATCH = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bridge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    imp = commands.add_parser("import", help="Hugging Face checkpoint -> Megatron-Core torch_dist checkpoint")
+    imp.add_argument("--hf", required=True, help="checkpoint directory (config.json + safetensors, any naming)")
+    imp.add_argument("--out", required=True, help="Megatron-Core checkpoint directory to create")
+    imp.add_argument("--dtype", choices=sorted(IMPORT_DTYPES), default="bf16",
+                     help="model weights dtype (fp32 source tensors always stay fp32); default bf16")
+    imp.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    exp = commands.add_parser("export", help="Megatron-Core checkpoint (from import) -> official safetensors")
+    exp.add_argument("--mcore", required=True, help="checkpoint directory written by `import` (maybe trained since)")
+    exp.add_argument("--out", required=True, help="Hugging Face checkpoint directory to create")
+    exp.add_argument("--dtype", choices=["source", "bf16"], default="source",
+                     help="source: re-quantise every tensor to its original format (default); bf16: no FP8/FP4")
+    exp.add_argument("--max-shard-gb", type=float, default=1.0, help="safetensors shard size (default 1 GB)")
+    exp.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    ver = commands.add_parser("verify", help="logits of transformers (HF checkpoint) vs Megatron-Core (imported)")
+    ver.add_argument("--hf", required=True)
+    ver.add_argument("--mcore", required=True)
+    ver.add_argument("--sequences", type=int, default=3)
+    ver.add_argument("--seq-len", type=int, default=48)
+    ver.add_argument("--min-cosine", type=float, default=0.999)
+    ver.add_argument("--min-argmax", type=float, default=0.99, help="fraction of positions with the same argmax")
+
+    for sub in (imp, exp):
+        sub.add_argument("--quiet", action="store_true", help="no progress line")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from bridge import convert
+
+    if args.command == "import":
+        report = convert.import_checkpoint(args.hf, args.out, IMPORT_DTYPES[args.dtype], args.force,
+                                           progress=not args.quiet)
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(report.quantised.items()))
+        print(f"imported {report.tensors} tensors ({kinds}; {report.naming} naming), "
+              f"{report.source_bytes / 1e9:.3f} GB in {report.seconds:.1f} s -> {args.out}")
+        return 0
+    if args.command == "export":
+        report = convert.export_checkpoint(args.mcore, args.out, args.dtype, args.force,
+                                           max_shard_bytes=int(args.max_shard_gb * 1e9), progress=not args.quiet)
+        print(f"exported {report.tensors} tensors ({report.quantised_tensors} re-quantised, "
+              f"{report.fresh_scale_blocks} blocks with a fresh scale), {report.written_bytes / 1e9:.3f} GB "
+              f"in {len(report.files)} file(s), {report.seconds:.1f} s -> {args.out}")
+        return 0
+    report = convert.verify(args.hf, args.mcore, args.sequences, args.seq_len)
+    ok = report.passed(args.min_cosine, args.min_argmax)
+    print(f"verify: {report.sequences}x{report.seq_len} tokens, max |diff| {report.max_abs_diff:.3g} "
+          f"(max |logit| {report.max_abs_logit:.3g}), min cosine {report.min_cosine:.6f}, "
+          f"argmax agreement {report.argmax_agreement:.4f}: {'OK' if ok else 'MISMATCH'}")
+    return 0 if ok else EXIT_MISMATCH
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as e:
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        return EXIT_FAILED

@@ -1,0 +1,305 @@
+"""Megatron-Core `torch_dist` checkpoints of `DeepSeekV4Model`, written and read one tensor at a time.
+
+`dist_checkpointing.save(model.sharded_state_dict(), dir)` needs the whole model
+in memory. Here the model is built on the meta device (no storage): its
+`sharded_state_dict()` gives exactly the keys, global shapes, offsets and
+factories that Megatron-Core saves and loads, and Megatron-Core's own translation
+to PyTorch Distributed Checkpoint (DCP) items is reused. Only the data is
+different: each DCP write item is materialised when the writer reaches it (from a
+callback such as "read, dequantise and fuse this tensor from the Hugging Face
+checkpoint"), written, and dropped. Reading goes the other way: parameters are
+loaded in groups of bounded size through DCP, which reads only their bytes.
+
+The result is an ordinary Megatron-Core checkpoint: it loads with
+`dist_checkpointing.load(model.sharded_state_dict(), dir)` at any TP/PP/EP.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.storage import WriteResult
+
+Materialise = Callable[[str], torch.Tensor]
+"""Model parameter name -> its full tensor (in the parameter's shape)."""
+
+
+# --- the model's checkpoint layout --------------------------------------------------------------------
+def build_meta_model(transformer_config):
+    """`DeepSeekV4Model` on the meta device: every shape and checkpoint key, no storage, no initialisation.
+
+    Needs `megatron_v4.initialize()` (a world of one is enough).
+    """
+    from megatron_v4.model import DeepSeekV4Model
+
+    config = dataclasses.replace(transformer_config, perform_initialization=False, use_cpu_initialization=True)
+    with torch.device("meta"):
+        return DeepSeekV4Model(config, pre_process=True, post_process=True)
+
+
+def parameter_sharding(sharded_state_dict: dict) -> dict[str, ShardedTensor | ShardedTensorFactory]:
+    """Model parameter (and buffer) name -> the sharded tensor or factory it is saved through."""
+    return {
+        name: sharded
+        for name, sharded in sharded_state_dict.items()
+        if isinstance(sharded, (ShardedTensor, ShardedTensorFactory))
+    }
+
+
+def _structure(sharded: ShardedTensor | ShardedTensorFactory, data: torch.Tensor | None = None):
+    """What a parameter is saved as: a ShardedTensor, or what its factory builds (optionally over real `data`)."""
+    if data is not None:
+        sharded = dataclasses.replace(sharded, data=data)
+    return sharded if isinstance(sharded, ShardedTensor) else sharded.build()
+
+
+def _sharded_tensors(structure) -> list[ShardedTensor]:
+    if isinstance(structure, ShardedTensor):
+        return [structure]
+    if isinstance(structure, ShardedTensorFactory):
+        return _sharded_tensors(structure.build())
+    values = structure.values() if isinstance(structure, dict) else structure
+    return [t for v in values for t in _sharded_tensors(v)]
+
+
+def _built(sharded: ShardedTensor | ShardedTensorFactory, data: torch.Tensor | None = None) -> list[ShardedTensor]:
+    """The ShardedTensors a parameter is saved as (a factory builds several), optionally over real `data`."""
+    return _sharded_tensors(_structure(sharded, data))
+
+
+def _chunk_id(sharded: ShardedTensor) -> tuple[str, tuple[int, ...]]:
+    return sharded.key, tuple(sharded.global_offset)
+
+
+# --- writing --------------------------------------------------------------------------------------------
+class _LazySavePlanner:
+    """Wraps Megatron-Core's save planner; tensor items are materialised per parameter, on demand."""
+
+    def __new__(cls, owner_of, sharding, materialise, on_written):
+        from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+
+        class Planner(MCoreSavePlanner):
+            def resolve_data(self, write_item):
+                if write_item.type == WriteItemType.BYTE_IO:
+                    return super().resolve_data(write_item)
+                chunk_id = (write_item.index.fqn, tuple(write_item.index.offset))
+                name = owner_of[chunk_id]
+                if self._cached_name != name:
+                    self._cached_name = None
+                    self._cached_chunks = None
+                    full = materialise(name)
+                    self._cached_chunks = {_chunk_id(s): s.data for s in _built(sharding[name], full)}
+                    self._cached_name = name
+                    on_written(name, full)
+                placeholder = super().resolve_data(write_item)
+                data = self._cached_chunks[chunk_id].reshape(placeholder.shape)
+                return data.contiguous().clone() if data.untyped_storage().nbytes() != data.nbytes else data
+
+        planner = Planner(dedup_replicated_tensors=False, flatten_state_dict=False, flatten_sharded_tensors=False)
+        planner._cached_name = None
+        planner._cached_chunks = None
+        return planner
+
+
+class _StreamingWriter(FileSystemWriter):
+    """DCP's file writer, writing one item at a time into one file and keeping no reference to written data.
+
+    (DCP's own loop keeps every tensor of a file alive until the file is complete.)
+    """
+
+    def write_data(self, plan, planner) -> torch.futures.Future:
+        file_name = f"{plan.storage_data.prefix}0.distcp"
+        results = []
+        with open(os.path.join(self.path, file_name), "wb") as stream:
+            items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)
+            for item in items:
+                data = planner.resolve_data(item)
+                offset = stream.tell()
+                if item.type == WriteItemType.BYTE_IO:
+                    stream.write(data.getbuffer())
+                else:
+                    torch.save(data, stream)
+                del data
+                length = stream.tell() - offset
+                results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                           storage_data=_StorageInfo(file_name, offset, length)))
+            stream.flush()
+            os.fsync(stream.fileno())
+        future = torch.futures.Future()
+        future.set_result(results)
+        return future
+
+
+def write_checkpoint(
+    out_dir: str,
+    sharded_state_dict: dict,
+    materialise: Materialise,
+    order: Iterable[str] | None = None,
+    on_written: Callable[[str, torch.Tensor], None] = lambda name, tensor: None,
+) -> None:
+    """Write a Megatron-Core `torch_dist` checkpoint of a (meta) model's `sharded_state_dict()`.
+
+    `materialise(name)` gives each parameter's full tensor, called once per parameter,
+    in `order` (default: the state dict's). `on_written(name, tensor)` follows each call.
+    """
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+
+    sharding = parameter_sharding(sharded_state_dict)
+    order = list(order) if order is not None else list(sharding)
+    owner_of = {_chunk_id(s): name for name in order for s in _built(sharding[name])}
+    if set(order) != set(sharding):
+        extra, missing = sorted(set(order) - set(sharding)), sorted(set(sharding) - set(order))
+        raise KeyError(f"write order differs from the model's tensors: extra {extra[:3]}, missing {missing[:3]}")
+    position = {name: i for i, name in enumerate(order)}
+
+    # Megatron-Core's translation reshapes the ShardedTensors it is given: hand it copies
+    sharded_part, common = save_preprocess({k: copy.copy(v) for k, v in sharded_state_dict.items()},
+                                           validate_access_integrity=False)
+    sharded_part["common_state"] = ShardedObject("common_state", common, (1,), (0,), replica_id=0)
+    by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_part, keep_only_main_replica=True)
+    pyt_state_dict = mcore_to_pyt_state_dict(by_key, is_loading=False)
+
+    planner = _LazySavePlanner(owner_of, sharding, materialise, on_written)
+    original_local_plan = planner.create_local_plan
+
+    def ordered_local_plan():
+        plan = original_local_plan()
+        def rank(item):
+            if item.type == WriteItemType.BYTE_IO:
+                return (-1, 0)
+            return (position[owner_of[(item.index.fqn, tuple(item.index.offset))]], 0)
+        plan = dataclasses.replace(plan, items=sorted(plan.items, key=rank))
+        planner.plan = plan
+        return plan
+
+    planner.create_local_plan = ordered_local_plan
+    writer = _StreamingWriter(out_dir, single_file_per_rank=True, thread_count=1)
+    dcp.save(pyt_state_dict, storage_writer=writer, planner=planner, no_dist=True)
+    strategy = TorchDistSaveShardedStrategy()
+    save_config(CheckpointingConfig(strategy.backend, strategy.version), out_dir)
+
+
+# --- reading --------------------------------------------------------------------------------------------
+class _IntoTensors(LoadPlanner):
+    """A DCP load planner that copies each read into a tensor chosen per read item (no state dict)."""
+
+    def __init__(self, destinations: dict[int, torch.Tensor]):
+        self.destinations = destinations
+
+    def set_up_planner(self, *args, **kwargs):
+        pass
+
+    def create_local_plan(self):
+        raise NotImplementedError
+
+    def create_global_plan(self, global_plan):
+        return global_plan
+
+    def finish_plan(self, central_plan):
+        return central_plan
+
+    def load_bytes(self, read_item, value):
+        raise NotImplementedError("only tensors are read")
+
+    def resolve_tensor(self, read_item):
+        target = self.destinations[read_item.dest_index.index]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            target = target.narrow(dim, start, length)
+        return target
+
+    def commit_tensor(self, read_item, tensor):
+        pass
+
+
+class CheckpointReader:
+    """Reads full model tensors from a `torch_dist` checkpoint, whatever layout it was saved in."""
+
+    def __init__(self, checkpoint_dir: str, sharded_state_dict: dict):
+        self.reader = FileSystemReader(checkpoint_dir)
+        self.metadata = self.reader.read_metadata()
+        self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
+        self.sharding = parameter_sharding(sharded_state_dict)
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype the checkpoint holds a parameter in."""
+        return self._stored(_built(self.sharding[name])[0].key).properties.dtype
+
+    def _stored(self, key: str):
+        stored = self.metadata.state_dict_metadata.get(key)
+        if stored is None:
+            raise KeyError(f"the Megatron-Core checkpoint has no tensor {key!r}")
+        return stored
+
+    def read(self, names: Iterable[str], max_group_bytes: int = 1 << 30) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor in its stored dtype) of model parameters, loaded in groups of bounded size."""
+        group, group_bytes = [], 0
+        for name in names:
+            if name not in self.sharding:
+                raise KeyError(f"the model has no checkpointed tensor {name!r}")
+            data = self.sharding[name].data
+            size = data.numel() * data.element_size()
+            if group and group_bytes + size > max_group_bytes:
+                yield from self._read_group(group)
+                group, group_bytes = [], 0
+            group.append(name)
+            group_bytes += size
+        if group:
+            yield from self._read_group(group)
+
+    def _read_group(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        items, destinations, pieces = [], {}, {}
+        structures = {name: _structure(self.sharding[name]) for name in names}
+        for name in names:
+            pieces[name] = []
+            for sharded in _sharded_tensors(structures[name]):
+                stored = self._stored(sharded.key)
+                chunk_shape = (1,) * sharded.prepend_axis_num + tuple(sharded.local_shape)
+                if tuple(stored.size) != tuple(sharded.global_shape):
+                    raise ValueError(
+                        f"{sharded.key}: the checkpoint holds shape {tuple(stored.size)}, the model "
+                        f"{tuple(sharded.global_shape)}; was it written for a different config?"
+                    )
+                slot = len(destinations)
+                destinations[slot] = torch.empty(chunk_shape, dtype=stored.properties.dtype)
+                chunk = ChunkStorageMetadata(offsets=torch.Size(sharded.global_offset), sizes=torch.Size(chunk_shape))
+                for item in create_read_items_for_chunk_list(sharded.key, stored, [chunk]):
+                    items.append(dataclasses.replace(item, dest_index=MetadataIndex(sharded.key, chunk.offsets, slot)))
+                pieces[name].append((sharded, slot))
+        self.reader.read_data(LoadPlan(items), _IntoTensors(destinations)).wait()
+        for name in names:
+            sharding = self.sharding[name]
+            loaded = {id(sh): destinations[slot].view(tuple(sh.local_shape)) for sh, slot in pieces[name]}
+            if isinstance(sharding, ShardedTensor):
+                yield name, next(iter(loaded.values()))
+            else:
+                yield name, sharding.merge_fn(_replace_sharded(structures[name], loaded))
+            for _, slot in pieces[name]:
+                del destinations[slot]
+
+
+def _replace_sharded(structure, loaded: dict[int, torch.Tensor]):
+    """A factory's built structure with each ShardedTensor replaced by its loaded data."""
+    if isinstance(structure, ShardedTensor):
+        return loaded[id(structure)]
+    if isinstance(structure, dict):
+        return {k: _replace_sharded(v, loaded) for k, v in structure.items()}
+    if isinstance(structure, (list, tuple)):
+        return type(structure)(_replace_sharded(v, loaded) for v in structure)
+    return structure
