@@ -1,12 +1,15 @@
 """`AutoBridge`: Hugging Face DeepSeek-V4 checkpoints <-> `megatron_v4.model.DeepSeekV4Model`.
 
-    bridge = AutoBridge.from_hf_pretrained("path/to/checkpoint")   # any of the three namings
-    model = bridge.to_megatron_model(dtype=torch.bfloat16)          # list of model chunks
-    for name, tensor in bridge.export_hf_weights(model): ...        # official names
+    megatron_v4.initialize(tp=2, pp=2, ep=2)                        # any layout (or none: one rank)
+    bridge = AutoBridge.from_hf_pretrained("path/to/checkpoint")   # any of the three namings, FP8/FP4 too
+    model = bridge.to_megatron_model(dtype=torch.bfloat16)          # this rank's list of model chunks
+    for name, tensor in bridge.export_hf_weights(model): ...        # full official tensors, on every rank
     bridge.save_hf_pretrained(model, "out/")                        # official safetensors + config.json
 
-The conversion itself is the step pipeline of `bridge.pipeline`; this class
-wires a weight source, a config and the current parallel layout into it.
+Loading, each rank reads from the checkpoint only the tensors its chunks hold
+and only its slice of each (`bridge.rank_tensors`, `bridge.checkpoint_slices`).
+Exporting gathers the slices, experts and pipeline stages back one tensor at a
+time (`bridge.gather`), then `bridge.pipeline` splits and renames them.
 """
 
 from __future__ import annotations
@@ -17,13 +20,18 @@ import os
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 from bridge import pipeline
+from bridge.checkpoint_slices import checkpoint_slices
+from bridge.gather import gather_full_tensors
 from bridge.hf_config import DeepSeekV4HFConfig, read_hf_config, transformer_config_kwargs, write_official_config
 from bridge.hf_naming import OFFICIAL, detect_naming
+from bridge.hf_source import HFSource
 from bridge.mcore_naming import MCoreNaming, detect_expert_layout
 from bridge.pipeline import RankPosition
-from bridge.safetensors_io import SafetensorsCheckpoint, write_safetensors
+from bridge.rank_tensors import RankTensor, model_chunks, rank_tensors
+from bridge.safetensors_io import write_safetensors
 
 MTP_PREFIX = "mtp."
 logger = logging.getLogger(__name__)
@@ -40,24 +48,6 @@ class StateDictWeights:
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         return iter(self._state.items())
-
-
-def _drop_mtp(items: pipeline.Items) -> Iterator[tuple[str, torch.Tensor]]:
-    """Leave out the MTP tensors (for a model built without MTP layers)."""
-    return ((name, t) for name, t in items if not name.startswith(MTP_PREFIX))
-
-
-def _single_chunk(model) -> torch.nn.Module:
-    """The one model chunk of `model` (a module or a list of chunks), without DDP / Float16Module wrappers."""
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    if len(chunks) != 1:
-        raise NotImplementedError(
-            f"got {len(chunks)} model chunks; the bridge handles one (pp=1, no virtual pipeline) for now"
-        )
-    chunk = chunks[0]
-    while isinstance(getattr(chunk, "module", None), torch.nn.Module):
-        chunk = chunk.module
-    return chunk
 
 
 class AutoBridge:
@@ -83,10 +73,11 @@ class AutoBridge:
         if isinstance(source, torch.nn.Module):
             config = read_hf_config(source.config.to_diff_dict())
             weights = StateDictWeights(source)
+            naming = detect_naming(weights.names())
         else:
-            config = read_hf_config(source)
-            weights = SafetensorsCheckpoint(source)
-        bridge = cls(config, weights, detect_naming(weights.names()))
+            weights = HFSource(source)
+            config, naming = weights.config, weights.naming
+        bridge = cls(config, weights, naming)
         logger.info("DeepSeek-V4 weights found: %r", bridge)
         return bridge
 
@@ -105,6 +96,7 @@ class AutoBridge:
         kwargs.update(megatron_v4.layout().config_kwargs())
         kwargs.update(
             params_dtype=dtype,
+            pipeline_dtype=dtype,
             bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16,
             use_cpu_initialization=not torch.cuda.is_available(),
@@ -113,56 +105,96 @@ class AutoBridge:
         return DeepSeekV4TransformerConfig(**kwargs)
 
     def to_megatron_model(self, dtype: torch.dtype = torch.bfloat16, load_weights: bool = True, **config_overrides):
-        """Build `DeepSeekV4Model` for the current layout (`megatron_v4.initialize()` first), load the weights.
+        """Build this rank's `DeepSeekV4Model` chunk(s) for the current layout and load their weights.
 
-        Returns the list of model chunks, as Megatron-Core's `get_model` does.
+        Call `megatron_v4.initialize()` first. Returns the list of model chunks, as Megatron-Core's
+        `get_model` does: one per virtual pipeline stage (one without virtual stages).
         """
         from megatron.core import parallel_state as ps
 
         from megatron_v4.model import DeepSeekV4Model
 
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            raise NotImplementedError("the bridge builds single-stage models for now; initialize with pp=1")
         config = self.transformer_config(dtype=dtype, **config_overrides)
-        model = DeepSeekV4Model(config, pre_process=True, post_process=True)
+        vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+        chunks = [
+            DeepSeekV4Model(
+                config,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+            )
+            for vp_stage in (range(vpp) if vpp else [None])
+        ]
         if torch.cuda.is_available():
-            model.cuda(torch.cuda.current_device())
-        chunks = [model]
+            for chunk in chunks:
+                chunk.cuda(torch.cuda.current_device())
         if load_weights:
             self.load_hf_weights(chunks)
         return chunks
 
     def load_hf_weights(self, model) -> None:
-        """Copy this checkpoint's weights into Megatron model chunk(s), this rank's part of each."""
-        chunk = _single_chunk(model)
-        mcore = MCoreNaming(detect_expert_layout(chunk.state_dict()))
-        items = pipeline.to_official(self.weights.items(), self.naming)
-        items = pipeline.dequantise(items)
-        if not getattr(chunk, "mtp_process", False):
-            items = _drop_mtp(items)
-        items = pipeline.fuse(items, mcore)
-        items = pipeline.shard(items, mcore, self.config.num_routed_experts, RankPosition.current())
-        pipeline.load_into(chunk, items)
+        """Fill this rank's model chunk(s) from the checkpoint, reading only the tensors and slices they hold."""
+        chunks = model_chunks(model)
+        mcore = MCoreNaming(detect_expert_layout(chunks[0].state_dict()))
+        source = checkpoint_slices(self.weights, self.naming)
+        ranks = RankPosition.current()
+        with torch.no_grad():
+            for chunk in chunks:
+                for entry, target in rank_tensors(chunk, mcore, self.config.num_routed_experts, ranks):
+                    value = _read_share(source, entry)
+                    if tuple(value.shape) != tuple(target.shape):
+                        raise ValueError(
+                            f"{entry.local_name} (checkpoint {entry.match.official_names}): the checkpoint gives "
+                            f"shape {tuple(value.shape)} but the model has {tuple(target.shape)}; "
+                            "does the config match the checkpoint?"
+                        )
+                    target.copy_(value)
 
     # --- Hugging Face side -------------------------------------------------------------------------
-    def export_hf_weights(self, model, naming: str = OFFICIAL) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) of every Hugging Face tensor of the Megatron model, official names by default."""
-        chunk = _single_chunk(model)
-        mcore = MCoreNaming(detect_expert_layout(chunk.state_dict()))
-        items = pipeline.read_module(chunk)
-        items = pipeline.unshard(items, mcore, self.config.num_routed_experts, RankPosition.current())
+    def export_hf_weights(
+        self, model, naming: str = OFFICIAL, all_ranks: bool = True
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor on the CPU) of every Hugging Face tensor of the model, from any parallel layout.
+
+        Official names by default. `model` is this rank's chunk list (or one chunk). With
+        `all_ranks` every rank receives every tensor; with `all_ranks=False` only rank 0 does
+        and the others yield nothing. Every rank must iterate the stream to its end: each
+        tensor is gathered by collectives (see `bridge.gather`).
+        """
+        chunks = model_chunks(model)
+        mcore = MCoreNaming(detect_expert_layout(chunks[0].state_dict()))
+        items = gather_full_tensors(chunks, mcore, self.config.num_routed_experts, all_ranks=all_ranks)
         items = pipeline.split(items, mcore)
         if naming != OFFICIAL:
             items = pipeline.from_official(items, naming, self.config.num_routed_experts)
         return items
 
     def save_hf_pretrained(self, model, out_dir: str | os.PathLike, max_shard_bytes: int | None = None) -> str:
-        """Write the Megatron model as an official-flavour checkpoint (safetensors + config.json)."""
-        chunk = _single_chunk(model)
-        write_safetensors(self.export_hf_weights(chunk), out_dir, max_shard_bytes=max_shard_bytes)
-        mtp_layers = chunk.config.mtp_num_layers or 0
-        dtype = str(chunk.config.params_dtype).removeprefix("torch.")
+        """Write the model, from any parallel layout, as an official-flavour checkpoint (safetensors +
+        config.json). Call it on every rank; rank 0 writes."""
+        chunks = model_chunks(model)
+        items = self.export_hf_weights(chunks, all_ranks=False)
+        if dist.is_initialized() and dist.get_rank() != 0:
+            for _ in items:
+                pass
+            return os.fspath(out_dir)
+        write_safetensors(items, out_dir, max_shard_bytes=max_shard_bytes)
+        config = chunks[0].config
+        dtype = str(config.params_dtype).removeprefix("torch.")
         write_official_config(
-            dataclasses.replace(self.config, num_nextn_predict_layers=mtp_layers, dtype=dtype), out_dir
+            dataclasses.replace(self.config, num_nextn_predict_layers=config.mtp_num_layers or 0, dtype=dtype), out_dir
         )
         return os.fspath(out_dir)
+
+
+def _read_share(source, entry: RankTensor) -> torch.Tensor:
+    """This rank's share of one Megatron-Core tensor, read from its official tensor(s).
+
+    A fused tensor ([w1; w3]) is its parts' shares stacked on dim 0, which is what a
+    glu split expects: [w1 part; w3 part].
+    """
+    officials = entry.match.official_names
+    part = dataclasses.replace(entry.slice, glu=False)
+    if len(officials) == 1:
+        return source.read(officials[0], part)
+    return torch.cat([source.read(official, part) for official in officials], dim=0)

@@ -8,6 +8,10 @@ Export (Megatron-Core -> Hugging Face):
 Every step takes and yields `(name, tensor)` pairs, so a checkpoint flows through
 tensor by tensor; only tensors that must be combined (w1 with w3, a layer's
 experts for the stacked transformers naming) wait for their partners.
+
+`AutoBridge` loads a parallel model rank by rank instead (`bridge.rank_tensors`,
+`bridge.checkpoint_slices`: each rank reads its own slices) and exports it with
+`bridge.gather` before `split` and `from_official`.
 """
 
 from __future__ import annotations
@@ -137,42 +141,15 @@ def _split(tensor: torch.Tensor, sharding: Sharding, rank: int, size: int, name:
     return torch.cat([piece.chunk(size, dim=sharding.dim)[rank] for piece in pieces], dim=sharding.dim)
 
 
-def load_into(module: torch.nn.Module, items: Items) -> None:
-    """Copy a stream of Megatron-Core tensors into a model's parameters and buffers, casting to their dtypes."""
-    targets = {name: t for name, t in module.state_dict(keep_vars=True).items() if not _is_extra_state(name)}
-    loaded = set()
-    with torch.no_grad():
-        for name, tensor in items:
-            target = targets.get(name)
-            if target is None:
-                raise KeyError(f"checkpoint tensor maps to {name!r}, which the Megatron-Core model does not have")
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise ValueError(
-                    f"{name}: checkpoint shape {tuple(tensor.shape)} but the model has {tuple(target.shape)}; "
-                    "does the config match the checkpoint?"
-                )
-            target.copy_(tensor)
-            loaded.add(name)
-    missing = sorted(set(targets) - loaded)
-    if missing:
-        raise KeyError(f"the checkpoint gave no value for {len(missing)} model tensors, e.g. {missing[:3]}")
-
-
 # --- export steps ---------------------------------------------------------------------------------
-def read_module(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """A model's parameters and buffers (Transformer-Engine's `_extra_state` left out)."""
-    for name, tensor in module.state_dict().items():
-        if not _is_extra_state(name):
-            yield name, tensor.detach()
-
-
 def unshard(
     items: Items, mcore: MCoreNaming, num_experts: int, ranks: RankPosition
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """This rank's Megatron-Core tensors -> full tensors with global expert indices."""
     if not ranks.single:
         raise NotImplementedError(
-            f"exporting from a model split over ranks ({ranks}) is not supported yet; export from a single rank"
+            f"unshard reassembles one rank's tensors only ({ranks}); gather a parallel model with "
+            "AutoBridge.export_hf_weights"
         )
     experts_per_rank = _experts_per_rank(num_experts, ranks)
     for name, tensor in items:
@@ -195,10 +172,6 @@ def split(items: Items, mcore: MCoreNaming) -> Iterator[tuple[str, torch.Tensor]
 def from_official(items: Items, naming: str, num_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
     """Rename official tensors to a Hugging Face naming."""
     return TRANSLATORS[naming].from_official(items, num_experts=num_experts)
-
-
-def _is_extra_state(name: str) -> bool:
-    return name.endswith("._extra_state") or name == "_extra_state"
 
 
 # --- whole conversions on plain dicts -------------------------------------------------------------

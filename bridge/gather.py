@@ -1,0 +1,135 @@
+"""Full Megatron-Core tensors from a model split over any parallel layout, one tensor at a time.
+
+Every rank lists what it holds (global name, slice, shape); the lists are
+exchanged once, so that all ranks walk the same catalogue of the whole model in
+the same order. For each tensor, the lowest rank holding it is its source: its
+tensor- (or expert-tensor-) parallel group all-gathers the slices, and the full
+tensor goes from the source to every rank (a broadcast) or to rank 0 only (a
+send). Only one full tensor is in flight at a time: no rank ever holds more of
+the model than its own part plus one tensor. Every rank must consume the stream
+to its end, since each step is a collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from bridge.mcore_naming import MCoreNaming, RuleMatch
+from bridge.pipeline import RankPosition
+from bridge.rank_tensors import RankTensor, Slice, rank_tensors
+
+SECTIONS = ("embedding.", "decoder.layers.", "decoder.", "output_layer.", "mtp.")
+"""Catalogue order: the order of the one-rank model's state dict."""
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What one rank says about one tensor it holds."""
+
+    global_name: str
+    shape: tuple[int, ...]
+    dtype: str
+    slice: Slice
+    group: tuple[int, ...]
+    """Global ranks of the group that splits it (this rank alone if it holds it whole)."""
+
+
+def _group_of(entry: RankTensor):
+    from megatron.core import parallel_state as ps
+
+    if entry.match.rule.sharding.by_expert:
+        return ps.get_expert_tensor_parallel_group()
+    return ps.get_tensor_model_parallel_group()
+
+
+def _catalogue_key(match: RuleMatch, rule_order: dict) -> tuple:
+    section = next(i for i, prefix in enumerate(SECTIONS) if match.rule.mcore.startswith(prefix))
+    values = match.values
+    return section, values.get("layer", values.get("mtp", 0)), rule_order[match.rule], values.get("expert", 0)
+
+
+def _full_from_slices(parts: list[torch.Tensor], part: Slice) -> torch.Tensor:
+    if part.glu:
+        halves = [p.chunk(2, dim=part.dim) for p in parts]
+        return torch.cat([torch.cat([h[0] for h in halves], dim=part.dim),
+                          torch.cat([h[1] for h in halves], dim=part.dim)], dim=part.dim)
+    return torch.cat(parts, dim=part.dim)
+
+
+def _full_shape(holding: Holding) -> tuple[int, ...]:
+    shape = list(holding.shape)
+    if not holding.slice.whole:
+        shape[holding.slice.dim] *= holding.slice.size
+    return tuple(shape)
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_full_tensors(
+    chunks: list[torch.nn.Module], mcore: MCoreNaming, num_experts: int, all_ranks: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(global Megatron-Core name, full tensor on the CPU) for every tensor of the model.
+
+    With `all_ranks`, every rank gets every tensor; otherwise rank 0 gets them and
+    the other ranks yield nothing (but must still iterate: they send).
+    """
+    ranks = RankPosition.current()
+    held: dict[str, tuple[RankTensor, torch.Tensor]] = {}
+    for chunk in chunks:
+        for entry, tensor in rank_tensors(chunk, mcore, num_experts, ranks):
+            held.setdefault(entry.global_name, (entry, tensor.detach()))
+    rule_order = {rule: i for i, rule in enumerate(mcore.rules)}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        for name in sorted(held, key=lambda n: _catalogue_key(held[n][0].match, rule_order)):
+            yield name, held[name][1].cpu()
+        return
+
+    me = dist.get_rank()
+    mine = []
+    for entry, tensor in held.values():
+        group = (me,) if entry.slice.whole else tuple(dist.get_process_group_ranks(_group_of(entry)))
+        mine.append(Holding(entry.global_name, tuple(tensor.shape), str(tensor.dtype), entry.slice, group))
+    everyone: list[list[Holding]] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    source: dict[str, tuple[int, Holding]] = {}
+    for rank, holdings in enumerate(everyone):
+        for holding in holdings:
+            source.setdefault(holding.global_name, (rank, holding))
+    matches = {name: mcore.from_mcore(name) for name in source}
+    device = _comm_device()
+
+    for name in sorted(source, key=lambda n: _catalogue_key(matches[n], rule_order)):
+        src, holding = source[name]
+        full = None
+        if me in holding.group:
+            entry, local = held[name]
+            if holding.slice.whole:
+                full = local
+            else:
+                parts = [torch.empty_like(local) for _ in holding.group]
+                dist.all_gather(parts, local.contiguous(), group=_group_of(entry))
+                full = _full_from_slices(parts, holding.slice)
+        if all_ranks:
+            if full is None:
+                full = torch.empty(_full_shape(holding), dtype=getattr(torch, holding.dtype.removeprefix("torch.")),
+                                   device=device)
+            full = full.contiguous()
+            dist.broadcast(full, src)
+            yield name, full.cpu()
+        elif src == 0 and me == 0:
+            yield name, full.cpu()
+        elif me == src:
+            dist.send(full.contiguous(), 0)
+        elif me == 0:
+            full = torch.empty(_full_shape(holding), dtype=getattr(torch, holding.dtype.removeprefix("torch.")),
+                               device=device)
+            dist.recv(full, src)
+            yield name, full.cpu()
