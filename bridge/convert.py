@@ -31,7 +31,13 @@ from bridge.auto_bridge import AutoBridge
 from bridge.hf_config import read_hf_config, write_official_config
 from bridge.hf_naming import OFFICIAL, TRANSFORMERS_MODULE, TRANSLATORS
 from bridge.hf_source import CheckpointError, HFSource, scale_name
-from bridge.mcore_checkpoint import CheckpointReader, build_meta_model, parameter_sharding, write_checkpoint
+from bridge.mcore_checkpoint import (
+    CheckpointReader,
+    build_meta_model,
+    parameter_sharding,
+    with_dtypes,
+    write_checkpoint,
+)
 from bridge.mcore_naming import MCoreNaming, detect_expert_layout
 from bridge.output_dir import atomic_output_dir
 from bridge.progress import Progress
@@ -175,6 +181,8 @@ def import_checkpoint(
     with _single_rank():
         sharded, sharding, mcore = _meta_layout(bridge, dtype)
         plan = _import_plan(source, sharding, mcore)
+        sharded = with_dtypes(sharded, {name: dtype for name, (_, dtype) in plan.items()})
+        sharding = parameter_sharding(sharded)
         order = sorted(plan, key=lambda name: _reading_position(source, plan[name][0]))
         total = sum(source.stored_bytes(o) for sources, _ in plan.values() for o in sources)
         bar = Progress("import", len(source.names()), total, enabled=progress)
@@ -254,8 +262,8 @@ def _stored_dtype(source: HFSource, official: list[str], model_dtype: torch.dtyp
     formats = [source.tensors[o].format for o in official]
     for o, fmt in zip(official, formats):
         if fmt.quant is None and model_dtype.is_floating_point != fmt.torch_dtype.is_floating_point:
-            kind = "floating-point" if model_dtype.is_floating_point else "integer"
-            raise CheckpointError(f"tensor {o!r} is {fmt.dtype}; the model expects a {kind} tensor")
+            kind = "a floating-point" if model_dtype.is_floating_point else "an integer"
+            raise CheckpointError(f"tensor {o!r} is {fmt.dtype}; the model expects {kind} tensor")
     if model_dtype.is_floating_point and any(
         fmt.quant is None and fmt.torch_dtype.itemsize > model_dtype.itemsize for fmt in formats
     ):
@@ -402,9 +410,13 @@ def _as_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float32) if tensor.is_floating_point() else tensor
 
 
-def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """`DeepSeekV4Model` for the current parallel layout, loaded from a checkpoint written by import."""
+def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, **config_overrides):
+    """`DeepSeekV4Model` (this rank's pipeline stage and shards) loaded from a checkpoint written by import.
+
+    Extra keyword arguments go to the `DeepSeekV4TransformerConfig`.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
 
     from megatron_v4.model import DeepSeekV4Model
 
@@ -412,7 +424,11 @@ def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch
     record = SourceRecord.load(mcore_dir)
     config = read_hf_config(os.path.join(mcore_dir, RECORD_DIR))
     bridge = AutoBridge(config, _NamesOnly(["mtp.0."] if record.mtp_num_layers else []), record.naming)
-    model = DeepSeekV4Model(bridge.transformer_config(dtype=dtype), pre_process=True, post_process=True).eval()
+    model = DeepSeekV4Model(
+        bridge.transformer_config(dtype=dtype, **config_overrides),
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    ).eval()
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), mcore_dir))
     return model
 

@@ -107,6 +107,7 @@ class HFSource:
                     name, tuple(piece.shape), fmt, None, expert=i // parts, part=i % parts, parts=parts
                 )
         self._slice_cache: tuple[tuple[str, int], torch.Tensor] | None = None
+        self._open_files: dict[str, object] = {}
 
     def _read_headers(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         headers = {}
@@ -150,8 +151,10 @@ class HFSource:
     def _get(self, name: str, expert: int | None = None) -> torch.Tensor:
         file = self.checkpoint.file_of(name)
         try:
-            with safe_open(file, framework="pt") as f:
-                return f.get_tensor(name) if expert is None else f.get_slice(name)[expert]
+            if file not in self._open_files:  # parsing a header per tensor would dominate small tensors
+                self._open_files[file] = safe_open(file, framework="pt")
+            f = self._open_files[file]
+            return f.get_tensor(name) if expert is None else f.get_slice(name)[expert]
         except SafetensorError as e:
             raise CheckpointError(f"tensor {name!r} in {file}: unreadable ({e})") from None
 

@@ -56,6 +56,23 @@ def parameter_sharding(sharded_state_dict: dict) -> dict[str, ShardedTensor | Sh
     }
 
 
+def with_dtypes(sharded_state_dict: dict, dtypes: dict[str, torch.dtype]) -> dict:
+    """The state dict with some parameters saved in other dtypes (e.g. fp32 source tensors of a bf16 model).
+
+    Loading casts them to the model's dtype; the checkpoint keeps their precision.
+    """
+    out = dict(sharded_state_dict)
+    for name, dtype in dtypes.items():
+        sharded = out[name]
+        if sharded.data.dtype == dtype:
+            continue
+        changes = {"data": sharded.data.to(dtype)}
+        if isinstance(sharded, ShardedTensor):
+            changes["dtype"] = dtype
+        out[name] = dataclasses.replace(sharded, **changes)
+    return out
+
+
 def _structure(sharded: ShardedTensor | ShardedTensorFactory, data: torch.Tensor | None = None):
     """What a parameter is saved as: a ShardedTensor, or what its factory builds (optionally over real `data`)."""
     if data is not None:
