@@ -45,20 +45,25 @@ def _slice_description(name: str, tensor: torch.Tensor) -> tuple | None:
 
 
 def _forward(chunks, token_ids: torch.Tensor) -> torch.Tensor | None:
-    """Full-vocabulary logits on the last pipeline stage (None elsewhere): a plain stage-by-stage forward."""
-    (chunk,) = chunks
-    chunk.eval()
-    config = chunk.config
+    """Full-vocabulary logits on the last pipeline stage (None elsewhere): the chunks run one after another.
+
+    Virtual stages go round the pipeline ranks: chunk v of the last rank feeds chunk v + 1 of the first.
+    """
+    config = chunks[0].config
     batch, seq = token_ids.shape
+    local_seq = seq // ps.get_tensor_model_parallel_world_size() if config.sequence_parallel else seq
     with torch.no_grad():
-        if not ps.is_pipeline_first_stage():
-            streams = torch.empty(seq, batch * config.hc_mult, config.hidden_size)
-            torch.distributed.recv(streams, ps.get_pipeline_model_parallel_prev_rank())
-            chunk.set_input_tensor(streams)
-        output = chunk(token_ids)
-        if not ps.is_pipeline_last_stage():
-            torch.distributed.send(output.contiguous(), ps.get_pipeline_model_parallel_next_rank())
-            return None
+        for v, chunk in enumerate(chunks):
+            chunk.eval()
+            if v > 0 or not ps.is_pipeline_first_stage():
+                streams = torch.empty(local_seq, batch * config.hc_mult, config.hidden_size)
+                torch.distributed.recv(streams, ps.get_pipeline_model_parallel_prev_rank())
+                chunk.set_input_tensor(streams)
+            output = chunk(token_ids)
+            if v < len(chunks) - 1 or not ps.is_pipeline_last_stage():
+                torch.distributed.send(output.contiguous(), ps.get_pipeline_model_parallel_next_rank())
+    if not ps.is_pipeline_last_stage():
+        return None
     parts = [torch.empty_like(output) for _ in range(ps.get_tensor_model_parallel_world_size())]
     torch.distributed.all_gather(parts, output.contiguous(), group=ps.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=-1)

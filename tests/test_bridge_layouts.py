@@ -23,6 +23,8 @@ LAYOUTS = {
     "pp2": (2, dict(pp=2)),
     "tp2-ep2": (4, dict(tp=2, ep=2)),
     "pp2-ep2": (4, dict(pp=2, ep=2)),
+    "pp2-vpp2": (2, dict(pp=2, vpp=2)),
+    "tp2-ep2-etp2": (4, dict(tp=2, ep=2, etp=2)),
 }
 
 
