@@ -34,11 +34,22 @@ Tensor parallelism: query heads, sinks, output groups and indexer heads are spli
 over the tensor-parallel ranks; the KV head, compressors and q_down are
 replicated. Replicated tensors that feed per-rank heads pass through
 `copy_to_tensor_model_parallel_region`, so their gradients (and the input's) are
-summed over the ranks. Sequence and context parallelism are not supported yet.
+summed over the ranks: every replicated parameter ends the backward with its full
+gradient on every rank.
+
+Sequence parallelism: the sliding window, the compressors and the indexer need
+every earlier token, so the attention gathers the sequence at its entry and runs
+exactly as without sequence parallelism (its sublayers are built with
+`sequence_parallel=False`, which also leaves their norms out of Megatron's
+sequence-parallel gradient all-reduce); the gather's backward keeps this rank's
+slice of the (already complete) input gradient. `linear_proj` is the row-parallel
+exit: it reduce-scatters the output back to this rank's slice of the sequence.
+Context parallelism is not supported.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -47,7 +58,10 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.utils import (
@@ -129,10 +143,9 @@ class DSv4HybridSelfAttention(MegatronModule):
         **unused_kwargs,
     ):
         super().__init__(config=config)
-        if config.sequence_parallel or config.context_parallel_size > 1:
+        if config.context_parallel_size > 1:
             raise NotImplementedError(
-                "DSv4HybridSelfAttention does not support sequence or context parallelism yet; "
-                "set sequence_parallel=False and context_parallel_size=1"
+                "DSv4HybridSelfAttention does not support context parallelism; set context_parallel_size=1"
             )
         self.layer_number = layer_number
         self.compress_ratio = self._resolve_compress_ratio(config, layer_number, compress_ratio)
@@ -149,9 +162,12 @@ class DSv4HybridSelfAttention(MegatronModule):
         self.local_heads = config.num_attention_heads // tp_size
         self.window = config.sliding_window
         self.scale = 1.0 / math.sqrt(self.head_dim)
+        # Everything before linear_proj runs on the gathered sequence (see the module docstring).
+        full_sequence_config = copy.copy(config)
+        full_sequence_config.sequence_parallel = False
 
         column_parallel_kwargs = dict(
-            config=config,
+            config=full_sequence_config,
             init_method=config.init_method,
             gather_output=False,
             bias=False,
@@ -160,10 +176,17 @@ class DSv4HybridSelfAttention(MegatronModule):
             tp_group=self.tp_group,
         )
         self.linear_q_down_proj = build_replicated_linear(
-            submodules.linear_q_down_proj, config, config.hidden_size, config.q_lora_rank, "q_down_proj"
+            submodules.linear_q_down_proj,
+            full_sequence_config,
+            config.hidden_size,
+            config.q_lora_rank,
+            "q_down_proj",
         )
         self.q_layernorm = build_module(
-            submodules.q_layernorm, config=config, hidden_size=config.q_lora_rank, eps=config.layernorm_epsilon
+            submodules.q_layernorm,
+            config=full_sequence_config,
+            hidden_size=config.q_lora_rank,
+            eps=config.layernorm_epsilon,
         )
         self.linear_q_up_proj = build_module(
             submodules.linear_q_up_proj,
@@ -173,10 +196,13 @@ class DSv4HybridSelfAttention(MegatronModule):
             **column_parallel_kwargs,
         )
         self.linear_kv = build_replicated_linear(
-            submodules.linear_kv, config, config.hidden_size, self.head_dim, "kv"
+            submodules.linear_kv, full_sequence_config, config.hidden_size, self.head_dim, "kv"
         )
         self.kv_layernorm = build_module(
-            submodules.kv_layernorm, config=config, hidden_size=self.head_dim, eps=config.layernorm_epsilon
+            submodules.kv_layernorm,
+            config=full_sequence_config,
+            hidden_size=self.head_dim,
+            eps=config.layernorm_epsilon,
         )
         # Zeros: the sink starts as one extra logit of 0 (transformers initialises it so too).
         self.attn_sink = torch.nn.Parameter(torch.zeros(self.local_heads, dtype=torch.float32))
@@ -206,10 +232,13 @@ class DSv4HybridSelfAttention(MegatronModule):
         self.indexer = None
         if self.compress_ratio != SLIDING:
             self.compressor = build_module(
-                submodules.compressor, config=config, compress_ratio=self.compress_ratio, head_dim=self.head_dim
+                submodules.compressor,
+                config=full_sequence_config,
+                compress_ratio=self.compress_ratio,
+                head_dim=self.head_dim,
             )
         if self.compress_ratio == CSA:
-            self.indexer = build_module(submodules.indexer, config=config, tp_group=self.tp_group)
+            self.indexer = build_module(submodules.indexer, config=full_sequence_config, tp_group=self.tp_group)
         self.rotary = DSv4RotaryEmbedding(config, compressed=self.compress_ratio != SLIDING)
 
     @staticmethod
@@ -229,6 +258,10 @@ class DSv4HybridSelfAttention(MegatronModule):
                 raise NotImplementedError(
                     f"DSv4HybridSelfAttention does not support {unsupported} yet; pass None"
                 )
+        if self.config.sequence_parallel:
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=self.tp_group
+            )
         seq_len, batch, _ = hidden_states.shape
         positions = self._positions(position_ids, seq_len, batch, hidden_states.device)
         cos, sin = self.rotary(positions)  # [s, b, r/2]
@@ -382,13 +415,14 @@ def get_dsv4_attention_spec(use_te: bool | None = None) -> ModuleSpec:
         )
     else:
         from megatron.core.post_training.modelopt.layers import Linear
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        from megatron_v4.norm import RMSNorm
 
         replicated_linear, column_parallel_linear, row_parallel_linear, norm = (
             Linear,
             ColumnParallelLinear,
             RowParallelLinear,
-            WrappedTorchNorm,
+            RMSNorm,
         )
 
     def compressor_spec() -> ModuleSpec:

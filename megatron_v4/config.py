@@ -77,8 +77,16 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
             if self.moe_router_dtype is None:
                 self.moe_router_dtype = "fp32"
         self.activation_func_clamp_value = self.swiglu_limit or None
+        # Before Megatron-Core's own checks, so that a size that does not divide gets our message.
+        self._check_parallel_sizes()
+        self._default_pipeline_layout()
         super().__post_init__()
         self._validate_deepseek_v4()
+        if getattr(self, "mtp_standalone", False):
+            raise ValueError(
+                "pipeline_model_parallel_layout puts the MTP layers before the last pipeline stage; "
+                "DeepSeek-V4 runs MTP on the last stage: move 'mtp' into the last stage's entry"
+            )
 
     def _validate_deepseek_v4(self) -> None:
         if len(self.compress_ratios) != self.num_layers:
@@ -130,6 +138,70 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
             raise ValueError(
                 f"hc_mult={self.hc_mult} and hc_sinkhorn_iters={self.hc_sinkhorn_iters} must be >= 1"
             )
+
+    def _check_parallel_sizes(self) -> None:
+        """Refuse model dims that the parallel sizes do not divide, naming the sizes that would."""
+        tp, ep, etp = (
+            self.tensor_model_parallel_size,
+            self.expert_model_parallel_size,
+            self.expert_tensor_parallel_size or self.tensor_model_parallel_size,
+        )
+        split_over_tp = {
+            "num_attention_heads": self.num_attention_heads,
+            "o_groups": self.o_groups,
+            "vocab_size": self.vocab_size,
+        }
+        if CSA in self.compress_ratios:
+            split_over_tp["index_n_heads"] = self.index_n_heads
+        if self.mtp_num_layers:
+            split_over_tp["hidden_size"] = self.hidden_size  # MTP's column-parallel e_proj/h_proj
+        if self.moe_shared_expert_intermediate_size:
+            split_over_tp["moe_shared_expert_intermediate_size"] = self.moe_shared_expert_intermediate_size
+        checks = [(name, value, "tp", tp) for name, value in split_over_tp.items()]
+        if self.num_moe_experts:
+            checks.append(("num_moe_experts", self.num_moe_experts, "ep", ep))
+            checks.append(("moe_ffn_hidden_size", self.moe_ffn_hidden_size or self.ffn_hidden_size, "etp", etp))
+        for name, value, size_name, size in checks:
+            if value and value % size:
+                divisors = [d for d in range(1, value + 1) if value % d == 0]
+                raise ValueError(
+                    f"{name}={value} is not divisible by {size_name}={size}; "
+                    f"use {size_name} in {{{', '.join(map(str, divisors))}}}"
+                )
+
+    def _default_pipeline_layout(self) -> None:
+        """Split the decoder layers over the pipeline stages when the user did not.
+
+        Megatron-Core splits evenly by itself. When pp * vpp does not divide num_layers,
+        this writes a `pipeline_model_parallel_layout` in which the first
+        num_layers % (pp * vpp) virtual stages hold one layer more; the last stage, which
+        also runs MTP and the output layer, is never one of them unless every stage is.
+        Users override it with Megatron-Core's own `pipeline_model_parallel_layout` (e.g.
+        "Et*3|t*2mL") or `num_layers_in_first/last_pipeline_stage`.
+        """
+        pp = self.pipeline_model_parallel_size
+        user_layout = (
+            self.pipeline_model_parallel_layout is not None
+            or self.num_layers_in_first_pipeline_stage is not None
+            or self.num_layers_in_last_pipeline_stage is not None
+            or self.account_for_embedding_in_pipeline_split
+            or self.account_for_loss_in_pipeline_split
+        )
+        if pp == 1 or user_layout:
+            return
+        stages = pp * (self.virtual_pipeline_model_parallel_size or 1)
+        if self.num_layers < stages:
+            raise ValueError(
+                f"num_layers={self.num_layers} cannot give each of the pp*vpp={stages} pipeline "
+                f"stages a layer; use pp*vpp <= {self.num_layers}"
+            )
+        if self.num_layers % stages == 0:
+            return
+        base, extra = divmod(self.num_layers, stages)
+        layout = [["decoder"] * (base + (stage < extra)) for stage in range(stages)]
+        layout[0].insert(0, "embedding")
+        layout[-1] += ["mtp"] * (self.mtp_num_layers or 0) + ["loss"]
+        self.pipeline_model_parallel_layout = layout
 
     @property
     def is_hash_layer(self) -> list[bool]:

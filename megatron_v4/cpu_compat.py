@@ -168,6 +168,8 @@ _LITERAL_CUDA_MODULES = {
     "megatron.core.transformer.utils": "get_default_causal_mask",
     # get_grad_norm_fp32, clip_grad_by_total_norm_fp32, count_zeros_fp32
     "megatron.core.optimizer.clip_grads": "total_norm, dummy_overflow_buf",
+    # local_multi_tensor_l2_norm (the grad-norm fallback without apex/TE): l2_cuda
+    "megatron.core.utils": "l2_cuda",
     # MixedPrecisionOptimizer.found_inf, _scale_one; FP32Optimizer._scale
     "megatron.core.optimizer.optimizer": "found_inf, _scale",
     # ConstantGradScaler / DynamicGradScaler._scale

@@ -90,6 +90,11 @@ class DeepSeekV4MTPLayer(MegatronModule):
             submodules.layer_norm, config=config, hidden_size=hidden, eps=eps
         )
 
+    @property
+    def mtp_model_layer(self) -> torch.nn.Module:
+        """Megatron-Core's name for the inner layer (its schedules set `current_microbatch` on it)."""
+        return self.transformer_layer
+
     def _combine(self, embeddings: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
         """e_proj(enorm(e)) broadcast over the streams + h_proj(hnorm(H)), on this rank's tokens."""
         seq, batch, n, hidden = streams.shape

@@ -42,6 +42,8 @@ class ParallelLayout:
             expert_model_parallel_size=self.ep,
             expert_tensor_parallel_size=self.etp,
             sequence_parallel=self.sp,
+            # gloo's batched isend/irecv mixes up interleaved-pipeline messages (wrong gradients).
+            batch_p2p_comm=self.backend != "gloo",
         )
 
 

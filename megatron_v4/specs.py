@@ -3,7 +3,7 @@
 Two flavours with the same parameter names except for the routed experts:
 - Transformer Engine (`use_te=True`): TE norms and linears, TEGroupedMLP
   experts (`mlp.experts.linear_fc1.weight{e}`);
-- local Megatron-Core modules (`use_te=False`): torch RMSNorm, Column/Row
+- local Megatron-Core modules (`use_te=False`): torch RMSNorm (`megatron_v4.norm`), Column/Row
   ParallelLinear, SequentialMLP experts (`mlp.experts.local_experts.{e}.linear_fc1.weight`).
 `use_te=None` picks TE when `transformer_engine` imports.
 
@@ -31,6 +31,7 @@ from megatron_v4.layer import (
     DeepSeekV4TransformerLayer,
 )
 from megatron_v4.moe import DeepSeekV4MoELayer
+from megatron_v4.norm import RMSNorm
 from megatron_v4.mtp import DeepSeekV4MTPBlockSubmodules, DeepSeekV4MTPLayer, DeepSeekV4MTPLayerSubmodules
 from megatron_v4.router import HashRouter
 
@@ -49,6 +50,11 @@ def _resolve_use_te(use_te: bool | None) -> bool:
     if use_te and not _transformer_engine_available():
         raise ImportError("use_te=True needs transformer_engine; install it or pass use_te=False")
     return use_te
+
+
+def _norm(use_te: bool):
+    """RMSNorm: Transformer Engine's, or ours (Megatron-Core's local one refuses sequence parallelism)."""
+    return _backend(use_te).layer_norm(rms_norm=True) if use_te else RMSNorm
 
 
 def _backend(use_te: bool) -> BackendSpecProvider:
@@ -83,8 +89,7 @@ def _layer_spec(
     hash_routed: bool,
     use_te: bool,
 ) -> ModuleSpec:
-    backend = _backend(use_te)
-    norm = backend.layer_norm(rms_norm=True)
+    norm = _norm(use_te)
     return ModuleSpec(
         module=DeepSeekV4TransformerLayer,
         submodules=DeepSeekV4LayerSubmodules(
@@ -121,7 +126,7 @@ def get_dsv4_decoder_block_spec(
             _layer_spec(config, ratio, hash_routed, use_te)
             for ratio, hash_routed in zip(config.compress_ratios, config.is_hash_layer)
         ],
-        layer_norm=_backend(use_te).layer_norm(rms_norm=True),
+        layer_norm=_norm(use_te),
     )
 
 
@@ -133,7 +138,7 @@ def get_dsv4_mtp_block_spec(
         raise ValueError("config.mtp_num_layers is not set; the model has no MTP block to build")
     use_te = _resolve_use_te(use_te)
     backend = _backend(use_te)
-    norm = backend.layer_norm(rms_norm=True)
+    norm = _norm(use_te)
     layer = ModuleSpec(
         module=DeepSeekV4MTPLayer,
         submodules=DeepSeekV4MTPLayerSubmodules(

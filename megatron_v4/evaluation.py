@@ -1,0 +1,91 @@
+"""`forward_logits`: full-vocabulary logits from a DeepSeek-V4 model at any parallel layout.
+
+The one call evaluation scripts and tests use. It runs Megatron-Core's own
+forward-only pipeline schedule over the model chunks this rank holds, gathers
+the vocabulary-parallel logits over the tensor-parallel ranks on the last
+pipeline stage and broadcasts them to every stage, so every rank returns the
+same [batch, seq, vocab] tensor for the batch it passed in (every rank of a
+model-parallel group must pass the same `input_ids`; data-parallel replicas may
+pass different ones).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from megatron.core.utils import get_attr_wrapped_model
+
+
+def forward_logits(
+    model_chunks,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    micro_batch_size: int | None = None,
+) -> torch.Tensor:
+    """input_ids [batch, seq] -> float32 logits [batch, seq, vocab] on every rank.
+
+    model_chunks: this rank's model chunks (one `DeepSeekV4Model`, or a list of them
+    for interleaved pipelines; DDP/Float16Module wrappers are fine), in eval mode.
+    micro_batch_size: sequences per pipeline micro-batch; defaults to the whole batch
+    without pipeline parallelism and to 1 with it (so the stages overlap; an
+    interleaved schedule needs at least `pp` micro-batches).
+    Under sequence parallelism `seq` must be divisible by the tensor-parallel size.
+    """
+    chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
+    config = get_attr_wrapped_model(chunks[0], "config")
+    batch, seq = input_ids.shape
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if config.sequence_parallel and seq % tp:
+        raise ValueError(
+            f"sequence length {seq} is not divisible by the tensor-parallel size {tp} "
+            "(sequence parallelism splits it); pad the batch to a multiple of it"
+        )
+    micro_batch_size = micro_batch_size or (batch if pp == 1 else 1)
+    if batch % micro_batch_size:
+        raise ValueError(f"batch {batch} is not divisible by micro_batch_size={micro_batch_size}")
+    num_microbatches = batch // micro_batch_size
+    if len(chunks) > 1 and num_microbatches < pp:
+        raise ValueError(
+            f"an interleaved pipeline needs at least pp={pp} micro-batches, got {num_microbatches}; "
+            f"pass a batch of >= {pp * micro_batch_size} sequences or a smaller micro_batch_size"
+        )
+    if position_ids is None:
+        position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+    micro_batches = list(zip(input_ids.split(micro_batch_size), position_ids.split(micro_batch_size)))
+
+    def keep_logits(logits, non_loss_data=True):
+        return logits
+
+    def forward_step(data_iterator, model):
+        ids, positions = next(data_iterator)
+        return model(ids, position_ids=positions), keep_logits
+
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            # Every chunk reads the token ids: the first embeds them, all route hash layers by them.
+            data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
+            model=chunks,
+            num_microbatches=num_microbatches,
+            seq_length=seq,
+            # Between stages the hc_mult streams travel as [seq, micro_batch * hc_mult, hidden].
+            micro_batch_size=micro_batch_size * config.hc_mult,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+
+    vocab = get_attr_wrapped_model(chunks[-1], "vocab_size")
+    logits = torch.empty(batch, seq, vocab, dtype=torch.float32, device=input_ids.device)
+    if parallel_state.is_pipeline_last_stage():
+        local = torch.cat(outputs, dim=0)  # [batch, seq, vocab / tp]
+        if get_attr_wrapped_model(chunks[-1], "parallel_output"):
+            local = gather_from_tensor_model_parallel_region(local.contiguous())
+        logits.copy_(local)
+    if pp > 1:
+        last_stage = parallel_state.get_pipeline_model_parallel_last_rank()
+        dist.broadcast(logits, src=last_stage, group=parallel_state.get_pipeline_model_parallel_group())
+    return logits

@@ -1,0 +1,271 @@
+"""Rank functions for tests/test_model_layouts.py: DeepSeekV4Model trained at a parallel layout.
+
+`train(layout, full)` builds the model chunks this rank holds, loads its slice of
+the full (one-rank) tensors, then does what real training does: Megatron-Core's
+schedule, DDP, `finalize_model_grads` (which also updates the routers' expert
+bias) and the Megatron optimizer (Adam, fp32) for three steps. It returns, as full
+tensors keyed by the one-rank names, the logits of `forward_logits`, the first
+step's gradients, and the weights and routing buffers after the third step, plus
+each step's main and MTP losses. With `full=None` (the one-rank reference) it
+first draws random weights and returns them too.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+import megatron_v4
+from megatron_v4.config import DeepSeekV4TransformerConfig
+from megatron_v4.model import DeepSeekV4Model
+from megatron_v4.specs import get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
+
+VOCAB, SEQ, GLOBAL_BATCH, STEPS = 64, 132, 4, 3
+COMPRESS_RATIOS = [4, 128, 0, 4]  # CSA, HCA, sliding, CSA
+NUM_HASH_LAYERS = 3  # layer 2 is hash-routed and sits on the second stage at pp=2
+NUM_EXPERTS = 4
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
+
+
+def tiny_config(layout: megatron_v4.ParallelLayout, **overrides) -> DeepSeekV4TransformerConfig:
+    """Every layer type (sliding, CSA, HCA), hash layers, 4 experts, one MTP layer."""
+    fields = dict(
+        num_layers=len(COMPRESS_RATIOS),
+        hidden_size=32,
+        num_attention_heads=4,
+        kv_channels=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        o_groups=2,
+        o_lora_rank=8,
+        sliding_window=8,
+        compress_ratios=COMPRESS_RATIOS,
+        index_n_heads=16,
+        index_head_dim=8,
+        index_topk=4,
+        yarn_factor=4.0,
+        yarn_original_max_position_embeddings=64,
+        hc_mult=4,
+        hc_sinkhorn_iters=20,
+        num_hash_layers=NUM_HASH_LAYERS,
+        vocab_size=VOCAB,
+        num_moe_experts=NUM_EXPERTS,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=16,
+        moe_shared_expert_intermediate_size=16,
+        moe_router_topk_scaling_factor=1.5,
+        moe_router_bias_update_rate=1e-2,
+        mtp_num_layers=1,
+        mtp_loss_scaling_factor=0.3,
+        layernorm_epsilon=1e-6,
+        pipeline_dtype=torch.float32,
+        use_cpu_initialization=True,
+        **layout.config_kwargs(),
+    )
+    return DeepSeekV4TransformerConfig(**{**fields, **overrides})
+
+
+def build_chunks(config: DeepSeekV4TransformerConfig) -> list[DeepSeekV4Model]:
+    """This rank's model chunks (one per virtual pipeline stage)."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    stages = range(vpp) if vpp else [None]
+    return [
+        DeepSeekV4Model(
+            config,
+            decoder_spec=get_dsv4_decoder_block_spec(config, use_te=False),
+            mtp_spec=get_dsv4_mtp_block_spec(config, use_te=False),
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            vp_stage=stage,
+        )
+        for stage in stages
+    ]
+
+
+def _global_name(name: str, chunk: DeepSeekV4Model) -> str:
+    match = _LAYER.match(name)
+    if match:
+        name = f"decoder.layers.{int(match.group(1)) + chunk.decoder.layer_offset}.{match.group(2)}"
+    match = _EXPERT.match(name)
+    if match:
+        local = chunk.config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
+        first = parallel_state.get_expert_model_parallel_rank() * local
+        name = f"{match.group(1)}{int(match.group(2)) + first}{match.group(3)}"
+    return name
+
+
+def _split_group(name: str):
+    if ".mlp.experts." in name:
+        return parallel_state.get_expert_tensor_parallel_group()
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _slice(name: str, tensor: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a full tensor, by the partition attributes Megatron-Core sets."""
+    if not getattr(tensor, "tensor_model_parallel", False):
+        return full
+    group = _split_group(name)
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if name.endswith("linear_fc1.weight"):  # [gate; up]: each rank holds its slice of both halves
+        return torch.cat([half.chunk(size, dim=0)[rank] for half in full.chunk(2, dim=0)])
+    return full.chunk(size, dim=tensor.partition_dim)[rank]
+
+
+def _unslice(name: str, tensor: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    if not getattr(tensor, "tensor_model_parallel", False):
+        return local.detach().clone()
+    group = _split_group(name)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.detach().contiguous(), group=group)
+    if name.endswith("linear_fc1.weight"):
+        halves = [part.chunk(2, dim=0) for part in parts]
+        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
+    return torch.cat(parts, dim=tensor.partition_dim)
+
+
+def _state(chunks) -> dict[str, tuple[DeepSeekV4Model, str, torch.Tensor]]:
+    """Parameters and persistent buffers of all chunks, by one-rank name."""
+    out = {}
+    for chunk in chunks:
+        for name, tensor in chunk.state_dict(keep_vars=True).items():
+            if not name.endswith("_extra_state"):
+                out[_global_name(name, chunk)] = (name, tensor)
+    return out
+
+
+def gather(chunks, value=lambda tensor: tensor, only_params: bool = False) -> dict[str, torch.Tensor]:
+    params = {id(p) for chunk in chunks for p in chunk.parameters()}
+    return {
+        global_name: _unslice(name, tensor, value(tensor))
+        for global_name, (name, tensor) in _state(chunks).items()
+        if not only_params or id(tensor) in params
+    }
+
+
+@torch.no_grad()
+def randomise(chunks, generator: torch.Generator) -> None:
+    """Weights of sensible scale everywhere (the default init leaves sinks, ape, hc bases and
+    expert biases at zero), and a random hash table of distinct experts per token."""
+    for name, (_, tensor) in sorted(_state(chunks).items()):
+        if name.endswith("tid2eid"):
+            table = torch.rand(tensor.shape[0], NUM_EXPERTS, generator=generator).argsort(dim=-1)
+            tensor.copy_(table[:, : tensor.shape[1]])
+        elif name.endswith("norm.weight"):
+            tensor.copy_(1 + 0.1 * torch.randn(tensor.shape, generator=generator))
+        elif tensor.dim() >= 2:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator) / tensor.shape[-1] ** 0.5)
+        else:
+            tensor.copy_(0.5 * torch.randn(tensor.shape, generator=generator))
+
+
+def _load(chunks, full: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for global_name, (name, tensor) in _state(chunks).items():
+            tensor.copy_(_slice(name, tensor, full[global_name]))
+
+
+def global_batch(step: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(100 + step))
+
+
+def _loss(per_token: torch.Tensor):
+    loss = per_token[:, :-1].mean()  # the last position has no next token
+    return loss, {"loss": loss.detach().clone()}
+
+
+def _forward_step(data_iterator, model):
+    input_ids = next(data_iterator)
+    loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
+    loss_mask[:, -1] = 0
+    labels = torch.roll(input_ids, -1, dims=1)
+    return model(input_ids, labels=labels, loss_mask=loss_mask), _loss
+
+
+def _dp_mean(value: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+    return value / parallel_state.get_data_parallel_world_size()
+
+
+def train(layout_kwargs: dict, full: dict | None, config_overrides: dict | None = None, train_steps: bool = True) -> dict:
+    layout = megatron_v4.initialize(**layout_kwargs)
+    try:
+        config = tiny_config(layout, **(config_overrides or {}))
+        chunks = build_chunks(config)
+        result = {}
+        if full is None:
+            randomise(chunks, torch.Generator().manual_seed(0))
+            result["initial"] = gather(chunks)
+        else:
+            _load(chunks, full)
+        result["stage_layers"] = [[layer.layer_number for layer in c.decoder.layers] for c in chunks]
+
+        for chunk in chunks:
+            chunk.eval()
+        dp_rank, dp = parallel_state.get_data_parallel_rank(), layout.dp
+        share = GLOBAL_BATCH // dp
+        mine = global_batch(0)[dp_rank * share : (dp_rank + 1) * share]
+        result["logits"] = megatron_v4.forward_logits(chunks, mine)
+        result["logits_rows"] = (dp_rank * share, (dp_rank + 1) * share)
+        if not train_steps:
+            return result
+
+        ddp_chunks = [
+            DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk)
+            for chunk in chunks
+        ]
+        config.finalize_model_grads_func = finalize_model_grads
+        optimizer = get_megatron_optimizer(
+            # No clipping: Megatron-Core's clip asserts CUDA tensors; the grad norm is still computed.
+            # adam_eps above the gradients' fp32 noise floor: some gradient entries are ~1e-8
+            # (layer 0's hyper-connection, whose n streams are still identical) and carry
+            # reduction-order noise of a few 1e-9, which Adam's g / (|g| + eps) with the default
+            # eps=1e-8 turns into 1e-3 differences of the update (1e-4 of the weight).
+            OptimizerConfig(optimizer="adam", lr=1e-2, adam_eps=1e-4, params_dtype=torch.float32, clip_grad=0.0),
+            ddp_chunks,
+        )
+        for chunk in ddp_chunks:
+            chunk.train()
+        result["losses"], result["mtp_losses"], result["grad_norms"] = [], [], []
+        for step in range(STEPS):
+            for chunk in ddp_chunks:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            MTPLossLoggingHelper.clean_metrics_in_tracker()
+            num_microbatches = share  # one sequence per micro-batch
+            batch = global_batch(step)[dp_rank * share : (dp_rank + 1) * share]
+            micro_batches = list(batch.split(1))
+            losses = get_forward_backward_func()(
+                forward_step_func=_forward_step,
+                data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
+                model=ddp_chunks,
+                num_microbatches=num_microbatches,
+                seq_length=SEQ,
+                micro_batch_size=config.hc_mult,
+                forward_only=False,
+            )
+            if step == 0:
+                result["grads"] = gather(chunks, lambda p: p.main_grad, only_params=True)
+                result["bias_after_first_step"] = {
+                    name: value for name, value in gather(chunks).items() if name.endswith("expert_bias")
+                }
+            _, grad_norm, _ = optimizer.step()
+            result["grad_norms"].append(grad_norm)
+            if parallel_state.is_pipeline_last_stage():
+                loss = _dp_mean(torch.stack([x["loss"] for x in losses]).mean())
+                mtp = _dp_mean(MTPLossLoggingHelper.tracker["loss_values"][0] / num_microbatches)
+                result["losses"].append(loss.item())
+                result["mtp_losses"].append(mtp.item())
+        result["final"] = gather(chunks)
+        return result
+    finally:
+        megatron_v4.destroy()
