@@ -4,7 +4,8 @@ For each layout: every rank's tensors are exactly its slice of the one-rank
 model's, the export from the layout (to every rank, to rank 0, and the saved
 checkpoint) is bit-identical to the one-rank export and to the source
 checkpoint, and the logits equal the one-rank logits. Each rank reads from the
-checkpoint exactly the elements it holds, nothing more.
+checkpoint exactly the elements it holds, nothing more (only an FP8/FP4 tensor
+is read whole before slicing: its scales cover blocks that a slice may cut).
 """
 
 import pytest
@@ -12,25 +13,36 @@ import torch
 
 import megatron_v4
 from bridge import AutoBridge
+from bridge.hf_naming import OFFICIAL, TRANSFORMERS_MODULE
 from bridge.safetensors_io import SafetensorsCheckpoint
 from bridge.tiny import make_tiny_checkpoint
 from bridge_layout_ranks import load_and_export
 from megatron_v4.testing import run_on_ranks
 
+QUANTISED = "official-fp8-fp4"
 LAYOUTS = {
-    "tp2": (2, dict(tp=2)),
-    "ep2": (2, dict(ep=2)),
-    "pp2": (2, dict(pp=2)),
-    "tp2-ep2": (4, dict(tp=2, ep=2)),
-    "pp2-ep2": (4, dict(pp=2, ep=2)),
-    "pp2-vpp2": (2, dict(pp=2, vpp=2)),
-    "tp2-ep2-etp2": (4, dict(tp=2, ep=2, etp=2)),
+    "tp2": (2, dict(tp=2), OFFICIAL),
+    "ep2": (2, dict(ep=2), OFFICIAL),
+    "pp2": (2, dict(pp=2), OFFICIAL),
+    "tp2-ep2": (4, dict(tp=2, ep=2), OFFICIAL),
+    "pp2-ep2": (4, dict(pp=2, ep=2), OFFICIAL),
+    "pp2-vpp2": (2, dict(pp=2, vpp=2), OFFICIAL),
+    "tp2-ep2-etp2": (4, dict(tp=2, ep=2, etp=2), OFFICIAL),
+    # transformers' stacked experts [E, 2I, D], each rank reading its experts' rows of the stack
+    "tp2-ep2-stacked": (4, dict(tp=2, ep=2), TRANSFORMERS_MODULE),
+    "tp2-ep2-fp8-fp4": (4, dict(tp=2, ep=2), QUANTISED),
 }
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "official", seed=5)
+def checkpoints(tmp_path_factory):
+    """The same random weights in the official and the stacked transformers naming, and quantised."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        OFFICIAL: make_tiny_checkpoint(root / "official", seed=5),
+        TRANSFORMERS_MODULE: make_tiny_checkpoint(root / "module", flavour=TRANSFORMERS_MODULE, seed=5, with_mtp=True),
+        QUANTISED: make_tiny_checkpoint(root / "quantised", seed=5, quantised=True),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +50,7 @@ def token_ids():
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(scope="module")
-def one_rank(checkpoint, token_ids):
+def _one_rank(checkpoint, token_ids):
     """The one-rank model's tensors, export and logits."""
     megatron_v4.initialize()
     try:
@@ -53,6 +64,13 @@ def one_rank(checkpoint, token_ids):
     finally:
         megatron_v4.destroy()
     return dict(state=state, export=export, logits=logits)
+
+
+@pytest.fixture(scope="module")
+def one_rank(checkpoints, token_ids):
+    """Per source: the one-rank reference (the two unquantised sources hold the same weights)."""
+    official = _one_rank(checkpoints[OFFICIAL], token_ids)
+    return {OFFICIAL: official, TRANSFORMERS_MODULE: official, QUANTISED: _one_rank(checkpoints[QUANTISED], token_ids)}
 
 
 def _expected_slice(full: torch.Tensor, description) -> torch.Tensor:
@@ -69,33 +87,39 @@ def _assert_bit_identical(got: dict, want: dict, what: str):
         assert got[name].dtype == tensor.dtype and torch.equal(got[name], tensor), f"{what}: {name} differs"
 
 
+def test_one_rank_export_is_the_source_checkpoint(checkpoints, one_rank):
+    source = dict(SafetensorsCheckpoint(checkpoints[OFFICIAL]).items())
+    _assert_bit_identical(one_rank[OFFICIAL]["export"], source, "one-rank export vs source")
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("layout", LAYOUTS, ids=list(LAYOUTS))
-def test_load_into_layout_and_export_back(layout, checkpoint, token_ids, one_rank, tmp_path):
-    world, sizes = LAYOUTS[layout]
-    results = run_on_ranks(load_and_export, world, checkpoint, sizes, str(tmp_path), token_ids, timeout=200)
-    source = dict(SafetensorsCheckpoint(checkpoint).items())
-    _assert_bit_identical(one_rank["export"], source, "one-rank export vs source")
+def test_load_into_layout_and_export_back(layout, checkpoints, token_ids, one_rank, tmp_path):
+    world, sizes, source = LAYOUTS[layout]
+    reference = one_rank[source]
+    results = run_on_ranks(load_and_export, world, checkpoints[source], sizes, str(tmp_path), token_ids, timeout=200)
 
     seen = set()
-    model_elements = sum(t.numel() for t in one_rank["state"].values())
+    model_elements = sum(t.numel() for t in reference["state"].values())
     for rank, result in enumerate(results):
-        held_elements = sum(t.numel() for t, _ in result["held"].values())
-        print(f"[{layout} rank {rank}] read {result['reads']['sliced']} of the model's {model_elements} elements")
-        assert result["reads"] == {"sliced": held_elements, "whole": 0}, "a rank read more than it holds"
-        assert held_elements < model_elements
         for name, (tensor, description) in result["held"].items():
-            expected = _expected_slice(one_rank["state"][name], description)
+            expected = _expected_slice(reference["state"][name], description)
             assert torch.equal(tensor, expected), f"rank {rank}: {name} is not its slice of the one-rank tensor"
             seen.add(name)
-        _assert_bit_identical(result["export_all"], one_rank["export"], f"rank {rank} export")
+        held_elements = sum(t.numel() for t, _ in result["held"].values())
+        reads = result["reads"]
+        print(f"[{layout} rank {rank}] read {reads} elements; holds {held_elements} of {model_elements}")
+        assert held_elements < model_elements
+        assert reads["sliced"] == held_elements, "a rank read other slices than those it holds"
+        assert (reads["whole"] > 0) == (source == QUANTISED), "only FP8/FP4 tensors are read whole"
+        _assert_bit_identical(result["export_all"], reference["export"], f"rank {rank} export")
         assert (result["export_rank0"] == {}) == (rank != 0)
         if result["logits"] is None:
             continue
-        diff = (result["logits"] - one_rank["logits"]).abs().max().item()
+        diff = (result["logits"] - reference["logits"]).abs().max().item()
         print(f"[{layout} rank {rank}] logits max|diff| vs one rank = {diff:.3e}")
-        assert diff <= 1e-5 * one_rank["logits"].abs().max().item()
+        assert diff <= 1e-5 * reference["logits"].abs().max().item()
     assert results[-1]["logits"] is not None
-    assert seen == set(one_rank["state"]), f"tensors no rank holds: {sorted(set(one_rank['state']) - seen)[:3]}"
-    _assert_bit_identical(results[0]["export_rank0"], one_rank["export"], "rank-0 export")
-    _assert_bit_identical(dict(SafetensorsCheckpoint(tmp_path).items()), source, "saved checkpoint")
+    assert seen == set(reference["state"]), f"tensors no rank holds: {sorted(set(reference['state']) - seen)[:3]}"
+    _assert_bit_identical(results[0]["export_rank0"], reference["export"], "rank-0 export")
+    _assert_bit_identical(dict(SafetensorsCheckpoint(tmp_path).items()), reference["export"], "saved checkpoint")
