@@ -44,31 +44,6 @@ def _slice_description(name: str, tensor: torch.Tensor) -> tuple | None:
     return tensor.partition_dim, rank, size, name.endswith("linear_fc1.weight")
 
 
-def _forward(chunks, token_ids: torch.Tensor) -> torch.Tensor | None:
-    """Full-vocabulary logits on the last pipeline stage (None elsewhere): the chunks run one after another.
-
-    Virtual stages go round the pipeline ranks: chunk v of the last rank feeds chunk v + 1 of the first.
-    """
-    config = chunks[0].config
-    batch, seq = token_ids.shape
-    local_seq = seq // ps.get_tensor_model_parallel_world_size() if config.sequence_parallel else seq
-    with torch.no_grad():
-        for v, chunk in enumerate(chunks):
-            chunk.eval()
-            if v > 0 or not ps.is_pipeline_first_stage():
-                streams = torch.empty(local_seq, batch * config.hc_mult, config.hidden_size)
-                torch.distributed.recv(streams, ps.get_pipeline_model_parallel_prev_rank())
-                chunk.set_input_tensor(streams)
-            output = chunk(token_ids)
-            if v < len(chunks) - 1 or not ps.is_pipeline_last_stage():
-                torch.distributed.send(output.contiguous(), ps.get_pipeline_model_parallel_next_rank())
-    if not ps.is_pipeline_last_stage():
-        return None
-    parts = [torch.empty_like(output) for _ in range(ps.get_tensor_model_parallel_world_size())]
-    torch.distributed.all_gather(parts, output.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim=-1)
-
-
 def _count_checkpoint_reads() -> dict:
     """Record the elements every checkpoint read returns (sliced reads and whole-tensor reads)."""
     counts = {"sliced": 0, "whole": 0}
@@ -104,7 +79,9 @@ def load_and_export(checkpoint: str, layout: dict, save_dir: str, token_ids: tor
         export_all = dict(bridge.export_hf_weights(chunks))
         export_rank0 = dict(bridge.export_hf_weights(chunks, all_ranks=False))
         bridge.save_hf_pretrained(chunks, save_dir)
-        logits = _forward(chunks, token_ids)
+        for chunk in chunks:
+            chunk.eval()
+        logits = megatron_v4.forward_logits(chunks, token_ids)
         return dict(held=held, reads=reads, export_all=export_all, export_rank0=export_rank0, logits=logits)
     finally:
         megatron_v4.destroy()
