@@ -9,6 +9,7 @@ was quantised; transformers' stacked experts are read one expert slice at a time
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -41,6 +42,15 @@ WEIGHT_SUFFIX = ".weight"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message names the file, tensor or key."""
+
+
+def _data_layout(file: str) -> tuple[int, dict]:
+    """(where the data starts, header entries) of a safetensors file."""
+    with open(file, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+    header.pop("__metadata__", None)
+    return 8 + header_size, header
 
 
 def scale_name(weight_name: str) -> str:
@@ -107,7 +117,7 @@ class HFSource:
                     name, tuple(piece.shape), fmt, None, expert=i // parts, part=i % parts, parts=parts
                 )
         self._slice_cache: tuple[tuple[str, int], torch.Tensor] | None = None
-        self._open_files: dict[str, object] = {}
+        self._layouts: dict[str, tuple[int, dict]] = {}
 
     def _read_headers(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         headers = {}
@@ -149,14 +159,29 @@ class HFSource:
         return self.checkpoint.file_of(self.tensors[official].name)
 
     def _get(self, name: str, expert: int | None = None) -> torch.Tensor:
+        """One tensor (or one expert's slice of a stacked one), read with plain file reads.
+
+        Reading through a memory map would leave every byte of the checkpoint resident in
+        the process (page cache mapped into it) until the file is closed.
+        """
         file = self.checkpoint.file_of(name)
-        try:
-            if file not in self._open_files:  # parsing a header per tensor would dominate small tensors
-                self._open_files[file] = safe_open(file, framework="pt")
-            f = self._open_files[file]
-            return f.get_tensor(name) if expert is None else f.get_slice(name)[expert]
-        except SafetensorError as e:
-            raise CheckpointError(f"tensor {name!r} in {file}: unreadable ({e})") from None
+        if file not in self._layouts:
+            self._layouts[file] = _data_layout(file)
+        data_start, entries = self._layouts[file]
+        entry = entries[name]
+        dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], list(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if expert is not None:
+            row = (end - begin) // shape[0]
+            begin, end, shape = begin + expert * row, begin + (expert + 1) * row, shape[1:]
+        buffer = bytearray(end - begin)
+        with open(file, "rb", buffering=0) as f:
+            f.seek(data_start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise CheckpointError(f"tensor {name!r} in {file}: the file ends inside its data (truncated?)")
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
 
     def read(self, official: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(values, original scale or None): fp32 values for a quantised tensor, else the stored tensor."""

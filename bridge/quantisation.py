@@ -16,6 +16,7 @@ fresh amax scale.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,7 +30,6 @@ DEFAULT_FP8_BLOCK = (128, 128)
 E8M0 = torch.float8_e8m0fnu
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 """e2m1 code (0..15; bit 3 is the sign) -> value."""
-_FP4_MIDPOINTS = (FP4_VALUES[1:8] + FP4_VALUES[0:7]) / 2
 
 
 class QuantisationError(ValueError):
@@ -107,9 +107,13 @@ def scale_values(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _expand(per_block: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
-    """Repeat a per-block tensor over its blocks, cut to the weight's shape."""
+    """Repeat a per-block tensor over its blocks, cut to the weight's shape (a broadcast view where blocks tile)."""
+    rows, cols = shape
+    if rows % block[0] == 0 and cols % block[1] == 0:
+        grid = per_block[:, None, :, None].expand(per_block.shape[0], block[0], per_block.shape[1], block[1])
+        return grid.reshape(rows, cols) if block[0] > 1 else grid.expand(-1, 1, -1, block[1]).reshape(rows, cols)
     full = per_block.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
-    return full[: shape[0], : shape[1]]
+    return full[:rows, :cols]
 
 
 def _block_reduce(values: torch.Tensor, block: tuple[int, int], reduce, pad: float = 0.0) -> torch.Tensor:
@@ -137,39 +141,89 @@ def _fresh_scale(amax: torch.Tensor, fmt_max: float, scale_dtype: torch.dtype) -
 def fp4_unpack(packed: torch.Tensor) -> torch.Tensor:
     """int8 [rows, cols/2] -> e2m1 codes uint8 [rows, cols], low nibble first."""
     raw = packed.view(torch.uint8)
-    return torch.stack((raw & 0x0F, raw >> 4), dim=-1).flatten(-2)
+    codes = torch.empty(*raw.shape[:-1], raw.shape[-1] * 2, dtype=torch.uint8)
+    codes[..., 0::2] = raw & 0x0F
+    codes[..., 1::2] = raw >> 4
+    return codes
 
 
 def fp4_pack(codes: torch.Tensor) -> torch.Tensor:
     """e2m1 codes uint8 [rows, cols] -> int8 [rows, cols/2], low nibble first."""
-    pairs = codes.view(*codes.shape[:-1], -1, 2)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).view(torch.int8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).view(torch.int8)
 
 
 def fp4_encode(x: torch.Tensor) -> torch.Tensor:
-    """Nearest e2m1 code of each value (ties to the even code), saturating at +-6."""
-    magnitude = x.abs().clamp(max=FP4_MAX)
-    code = torch.bucketize(magnitude, _FP4_MIDPOINTS.to(x.dtype))
-    at_midpoint = magnitude == _FP4_MIDPOINTS.to(x.dtype)[code.clamp(max=6)]
-    code = code + (at_midpoint & (code % 2 == 1)).to(code.dtype)
-    negative = torch.signbit(x) & (code > 0)
-    return (code + 8 * negative.to(code.dtype)).to(torch.uint8)
+    """Nearest e2m1 code of each value (ties to the even code), saturating at +-6.
+
+    In units of 0.5 the magnitudes are 0,1,2,3,4 (step 1), 6,8 (step 2) and 12 (step 4);
+    rounding to the step of each range with torch.round (half to even) gives the
+    nearest value and, at a tie, the even code.
+    """
+    halves = x.abs().clamp(max=FP4_MAX) * 2
+    fine, middle, coarse = torch.round(halves), torch.round(halves / 2) * 2, torch.round(halves / 4) * 4
+    rounded = torch.where(halves < 4, fine, torch.where(halves < 8, middle, coarse))
+    code = torch.where(rounded <= 4, rounded, torch.where(rounded <= 8, 2 + rounded / 2, torch.full_like(rounded, 7)))
+    # the sign bit is kept for zeros too: -0 (code 8) is a valid stored value and must round-trip
+    return (code + 8 * torch.signbit(x)).to(torch.uint8)
 
 
 # --- dequantise ---------------------------------------------------------------------------------------
+def _fp4_pairs() -> torch.Tensor:
+    """Packed byte (0..255) -> its two values, low nibble first: [256, 2] fp32."""
+    byte = torch.arange(256)
+    return torch.stack((FP4_VALUES[byte & 0x0F], FP4_VALUES[byte >> 4]), dim=1)
+
+
+_FP4_PAIRS = _fp4_pairs()
+
+
 def dequantise(weight: torch.Tensor, scale: torch.Tensor, fmt: SourceFormat) -> torch.Tensor:
     """The fp32 values of a quantised weight."""
-    scales = scale_values(scale)
     if fmt.quant == FP8:
         values = weight.to(torch.float32)
     elif fmt.quant == FP4:
-        values = FP4_VALUES[fp4_unpack(weight).long()]
+        values = _FP4_PAIRS[weight.view(torch.uint8).long()].view(weight.shape[0], -1)
     else:
         raise QuantisationError(f"unknown quantisation {fmt.quant!r}")
-    return values * _expand(scales, fmt.block, tuple(values.shape))
+    return values * _expand(scale_values(scale), fmt.block, tuple(values.shape))
 
 
 # --- quantise ---------------------------------------------------------------------------------------
+@functools.cache
+def _fp4_bf16_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """For every bf16 bit pattern (offset by 32768): its nearest e2m1 code, and whether that code is exact."""
+    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    values = torch.nan_to_num(patterns.to(torch.float32), nan=0.0)
+    codes = fp4_encode(values)
+    exact = _same_bits(FP4_VALUES[codes.long()].to(torch.bfloat16), patterns)
+    return codes, exact
+
+
+def _codes_under(weight: torch.Tensor, scale: torch.Tensor, fmt: SourceFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, exact): each value's nearest code under the given per-block scales, and whether it is exact.
+
+    With power-of-two (E8M0) scales the division is exact in the weight's own dtype, so
+    the check compares codes with the weight directly; bf16 FP4 uses a table of all
+    65536 bf16 values. fp32 scales go through fp32 arithmetic.
+    """
+    shape = tuple(weight.shape)
+    if scale.dtype == E8M0:
+        scaled = weight / _expand(scale_values(scale).to(weight.dtype), fmt.block, shape)
+        if fmt.quant == FP8:
+            codes = scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            return codes, _same_bits(codes.to(weight.dtype), scaled)
+        if weight.dtype == torch.bfloat16:
+            table_codes, table_exact = _fp4_bf16_tables()
+            index = scaled.view(torch.int16).to(torch.int64) + 32768
+            return table_codes[index], table_exact[index]
+        codes = fp4_encode(scaled)
+        return codes, _same_bits(FP4_VALUES[codes.long()].to(weight.dtype), scaled)
+    per_element = _expand(scale_values(scale), fmt.block, shape)
+    values = weight.to(torch.float32)
+    codes = _encode(values / per_element, fmt)
+    return codes, _same_bits((_decode(codes, fmt) * per_element).to(weight.dtype), weight)
+
+
 def _encode(scaled: torch.Tensor, fmt: SourceFormat) -> torch.Tensor:
     if fmt.quant == FP8:
         return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -182,6 +236,16 @@ def _decode(codes: torch.Tensor, fmt: SourceFormat) -> torch.Tensor:
     return FP4_VALUES[codes.long()]
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elementwise bit equality (tells -0 from +0, and equal NaNs apart from none)."""
+    as_int = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return a.contiguous().view(as_int) == b.contiguous().view(as_int)
+
+
+def _stored(codes: torch.Tensor, fmt: SourceFormat) -> torch.Tensor:
+    return codes if fmt.quant == FP8 else fp4_pack(codes)
+
+
 def requantise(
     weight: torch.Tensor, fmt: SourceFormat, original_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -191,30 +255,26 @@ def requantise(
     `weight`'s values (in `weight`'s dtype): then the stored bytes are the original
     ones. Otherwise the block gets the smallest scale that holds its amax.
     """
-    values = weight.to(torch.float32)
     scale_dtype = getattr(torch, fmt.scale_dtype)
     fmt_max = FP8_MAX if fmt.quant == FP8 else FP4_MAX
-    fresh = _fresh_scale(_amax(values, fmt.block), fmt_max, scale_dtype)
-    if original_scale is None:
-        scale = fresh
-        keep = torch.zeros(fresh.shape, dtype=torch.bool)
-    else:
-        if tuple(original_scale.shape) != tuple(fresh.shape):
-            raise QuantisationError(f"original scale of shape {tuple(original_scale.shape)}; expected {tuple(fresh.shape)}")
+    if original_scale is not None:
         original = original_scale.to(scale_dtype)
-        codes = _encode(values / _expand(scale_values(original), fmt.block, tuple(values.shape)), fmt)
-        back = (_decode(codes, fmt) * _expand(scale_values(original), fmt.block, tuple(values.shape))).to(weight.dtype)
-        exact = (back == weight) | (torch.isnan(back) & torch.isnan(weight))
+        codes, exact = _codes_under(weight, original, fmt)
+        if bool(exact.all()):
+            return _stored(codes, fmt), original, 0
         keep = _block_reduce(exact.to(torch.float32), fmt.block, lambda b: b.amin(dim=(1, 3)), pad=1.0) > 0
-        scale = torch.where(keep, original.view(torch.uint8) if scale_dtype == E8M0 else original,
-                            fresh.view(torch.uint8) if scale_dtype == E8M0 else fresh)
-        if scale_dtype == E8M0:
-            scale = scale.view(E8M0)
-    return quantise_with_scale(values, fmt, scale), scale, int((~keep).sum())
+        del codes, exact
+    fresh = _fresh_scale(_amax(weight.to(torch.float32), fmt.block), fmt_max, scale_dtype)
+    if original_scale is None:
+        return quantise_with_scale(weight, fmt, fresh), fresh, fresh.numel()
+    if tuple(original.shape) != tuple(fresh.shape):
+        raise QuantisationError(f"original scale of shape {tuple(original.shape)}; expected {tuple(fresh.shape)}")
+    as_bits = (lambda t: t.view(torch.uint8)) if scale_dtype == E8M0 else (lambda t: t)
+    scale = torch.where(keep, as_bits(original), as_bits(fresh))
+    scale = scale.view(E8M0) if scale_dtype == E8M0 else scale
+    return quantise_with_scale(weight, fmt, scale), scale, int((~keep).sum())
 
 
 def quantise_with_scale(weight: torch.Tensor, fmt: SourceFormat, scale: torch.Tensor) -> torch.Tensor:
     """The stored weight (float8 codes, or packed FP4) of `weight` under the given per-block scales."""
-    values = weight.to(torch.float32)
-    codes = _encode(values / _expand(scale_values(scale), fmt.block, tuple(values.shape)), fmt)
-    return codes if fmt.quant == FP8 else fp4_pack(codes)
+    return _stored(_codes_under(weight, scale, fmt)[0], fmt)

@@ -1,0 +1,202 @@
+"""Conversion speed and memory: import and export of a synthetic DeepSeek-V4 checkpoint of a given size.
+
+    python benchmarks/convert_bench.py --size-gb 4 [--workdir DIR] [--keep]
+
+The checkpoint has V4-Flash's tensor shapes and storage formats (hidden 4096, 64
+heads of 512, vocabulary 129280, FP8 e4m3 attention and shared experts with
+128x128 E8M0 block scales, FP4 routed experts with E8M0 scales per 32, bf16 and
+fp32 tensors elsewhere, int64 tid2eid) and as many routed experts as the size
+asks for (2 layers: one sliding, one CSA; the first hash-routed). Its bytes are
+random but valid (no NaN codes). Import (bf16) and export (back to the source
+formats) each run in their own process, which reports its peak RSS; the export
+is checked byte for byte against the source. `cp -r` of the source directory
+(then `sync`) on the same disk is the yardstick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+GB = 1e9
+FLASH = dict(
+    vocab_size=129280, hidden_size=4096, num_attention_heads=64, head_dim=512, qk_rope_head_dim=64,
+    q_lora_rank=1024, o_groups=8, o_lora_rank=1024, sliding_window=128, index_n_heads=64, index_head_dim=128,
+    index_topk=512, moe_intermediate_size=2048, num_experts_per_tok=6, num_shared_experts=1, num_hash_layers=1,
+    num_nextn_predict_layers=0, compress_ratios=(0, 4),
+)
+
+
+def _flash_config(num_experts: int):
+    from bridge.tiny import tiny_config
+
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
+    return tiny_config(**FLASH, num_layers=2, num_routed_experts=num_experts, dtype="bfloat16",
+                       quantization_config=quant, expert_dtype="fp4", max_position_embeddings=4096)
+
+
+def _official_shapes(cfg) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """Official tensor names and logical shapes of `cfg`, from transformers' model built on the meta device."""
+    from transformers import DeepseekV4ForCausalLM
+
+    from bridge.hf_config import transformers_config
+    from bridge.hf_naming import TRANSFORMERS_MODULE, TRANSLATORS
+
+    with torch.device("meta"):
+        model = DeepseekV4ForCausalLM(transformers_config(cfg))
+    official = TRANSLATORS[TRANSFORMERS_MODULE].to_official(model.state_dict().items())
+    return {name: (t.shape, t.dtype) for name, t in official}
+
+
+def _random_stored(name: str, shape, dtype, num_experts: int, g: torch.Generator):
+    """[(name, tensor)] as stored in the release: FP8/FP4 codes with E8M0 scales, or bf16/fp32/int64."""
+    import re
+
+    from bridge.tiny import FP4_WEIGHTS, FP8_WEIGHTS, FP32_TENSORS
+
+    def e8m0(*s):
+        return torch.randint(118, 126, s, generator=g, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+
+    scale = name.removesuffix(".weight") + ".scale"
+    rows, cols = (shape[0], shape[1]) if len(shape) == 2 else (0, 0)
+    if re.search(FP4_WEIGHTS, name):
+        packed = torch.randint(-128, 128, (rows, cols // 2), generator=g, dtype=torch.int8)
+        return [(name, packed), (scale, e8m0(rows, cols // 32))]
+    if re.search(FP8_WEIGHTS, name):
+        codes = torch.randint(0, 256, (rows, cols), generator=g, dtype=torch.uint8)
+        codes[(codes & 0x7F) == 0x7F] = 0  # no NaN codes
+        return [(name, codes.view(torch.float8_e4m3fn)), (scale, e8m0(-(-rows // 128), -(-cols // 128)))]
+    if not dtype.is_floating_point:
+        return [(name, torch.randint(0, num_experts, tuple(shape), generator=g, dtype=torch.int64))]
+    kept = torch.float32 if re.search(FP32_TENSORS, name) else torch.bfloat16
+    return [(name, torch.randn(tuple(shape), generator=g).to(kept))]
+
+
+
+def make_synthetic_checkpoint(out_dir: str, size_gb: float, seed: int = 0) -> dict:
+    """Write the synthetic checkpoint (4 GB shards, like the release); returns its description."""
+    from bridge.hf_config import write_official_config
+    from bridge.safetensors_io import write_safetensors
+
+    fixed = _official_shapes(_flash_config(1))
+    per_expert = 3 * FLASH["moe_intermediate_size"] * FLASH["hidden_size"] * (0.5 + 1 / 32) * 2  # 2 layers
+    fixed_bytes = sum(_numel(s) * (0.5 if "experts.0." in n and ".shared" not in n else 2)
+                      for n, (s, _) in fixed.items())
+    num_experts = max(8, int((size_gb * GB - fixed_bytes) / per_expert))
+    cfg = _flash_config(num_experts)
+    g = torch.Generator().manual_seed(seed)
+
+    def tensors():
+        for name, (shape, dtype) in _official_shapes(cfg).items():
+            yield from _random_stored(name, shape, dtype, num_experts, g)
+
+    files = write_safetensors(tensors(), out_dir, max_shard_bytes=int(4 * GB))
+    write_official_config(cfg, out_dir)
+    return {"experts": num_experts, "files": len(files), "bytes": _dir_bytes(out_dir)}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def _child(argv: list[str]) -> None:
+    """Run one CLI command in this process; print its wall time and peak RSS as JSON."""
+    from bridge.cli import main
+
+    start = time.perf_counter()
+    code = main(argv + ["--quiet"])
+    seconds = time.perf_counter() - start
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"code": code, "seconds": seconds, "peak_rss": peak_rss}))
+
+
+def _run_child(argv: list[str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *argv], env=env,
+                          capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        raise RuntimeError(f"{' '.join(argv[:1])} failed: {done.stderr.strip().splitlines()[-1:]}")
+    result = json.loads(lines[-1])
+    if result["code"]:
+        raise RuntimeError(f"{argv[0]} exited with {result['code']}: {done.stderr.strip().splitlines()[-1:]}")
+    return result
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    from bridge.safetensors_io import SafetensorsCheckpoint
+
+    left, right = SafetensorsCheckpoint(a), SafetensorsCheckpoint(b)
+    if sorted(left.names()) != sorted(right.names()):
+        return False
+    for name in left.names():
+        x, y = left.get(name), right.get(name)
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return False
+        if not torch.equal(x.contiguous().reshape(-1).view(torch.uint8), y.contiguous().reshape(-1).view(torch.uint8)):
+            return False
+    return True
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _child(sys.argv[2:])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gb", type=float, default=4.0, help="source checkpoint size (default 4 GB)")
+    parser.add_argument("--workdir", help="where to write (default: a temporary directory under /tmp)")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    args = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="dsv4-convert-bench-", dir=args.workdir)
+    hf, mcore, exported, copied = (os.path.join(work, d) for d in ("hf", "mcore", "exported", "cp"))
+    try:
+        start = time.perf_counter()
+        made = make_synthetic_checkpoint(hf, args.size_gb)
+        print(f"synthetic checkpoint: {made['bytes'] / GB:.2f} GB, {made['experts']} experts x 2 layers, "
+              f"{made['files']} file(s), made in {time.perf_counter() - start:.0f} s")
+
+        start = time.perf_counter()
+        subprocess.run(["cp", "-r", hf, copied], check=True)
+        subprocess.run(["sync"], check=True)
+        cp_seconds = time.perf_counter() - start
+
+        imported = _run_child(["import", "--hf", hf, "--out", mcore, "--dtype", "bf16"])
+        export = _run_child(["export", "--mcore", mcore, "--out", exported, "--dtype", "source"])
+        identical = _same_bytes(hf, exported)
+        source_gb = made["bytes"] / GB
+        mcore_gb = _dir_bytes(mcore) / GB
+        largest = max(_numel(s) * 2 for s, _ in _official_shapes(_flash_config(made["experts"])).values()) / GB
+        print(f"cp -r + sync : {source_gb:.2f} GB in {cp_seconds:.1f} s = {source_gb / cp_seconds:.2f} GB/s")
+        for label, result, written in (("import", imported, mcore_gb), ("export", export, _dir_bytes(exported) / GB)):
+            print(f"{label:13s}: {source_gb:.2f} GB source -> {written:.2f} GB written in {result['seconds']:.1f} s"
+                  f" = {source_gb / result['seconds']:.2f} GB/s of source, {written / result['seconds']:.2f} GB/s "
+                  f"written; {result['seconds'] / cp_seconds:.1f}x cp's time; peak RSS "
+                  f"{result['peak_rss'] / GB:.2f} GB")
+        print(f"largest tensor (bf16): {largest:.2f} GB; round trip bit-identical: {identical}")
+        return 0 if identical else 1
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
