@@ -414,12 +414,11 @@ def get_dsv4_attention_spec(use_te: bool | None = None) -> ModuleSpec:
             TENorm,
         )
     else:
-        from megatron.core.post_training.modelopt.layers import Linear
-
+        from megatron_v4.compressor import ReplicatedLinear
         from megatron_v4.norm import RMSNorm
 
         replicated_linear, column_parallel_linear, row_parallel_linear, norm = (
-            Linear,
+            ReplicatedLinear,
             ColumnParallelLinear,
             RowParallelLinear,
             RMSNorm,

@@ -26,8 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.post_training.modelopt.layers import Linear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
 
 from megatron_v4.config import CSA, HCA, DeepSeekV4TransformerConfig
 from megatron_v4.rope import DSv4RotaryEmbedding, apply_rotary
@@ -40,6 +46,24 @@ class DSv4CompressorSubmodules:
     linear_kv: ModuleSpec | type = None
     linear_gate: ModuleSpec | type = None
     norm: ModuleSpec | type = None
+
+
+class ReplicatedLinear(Linear):
+    """Megatron-Core's local duplicated `Linear`, checkpointed as one replica per tensor-parallel rank.
+
+    The parent's sharded_state_dict has no tensor-parallel group (a duplicated linear
+    is built without one), so every TP rank would claim to hold the main replica.
+    """
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True),
+            prefix,
+            sharded_offsets=sharded_offsets,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            dp_cp_group=metadata["dp_cp_group"],
+        )
 
 
 def build_replicated_linear(spec, config: DeepSeekV4TransformerConfig, input_size: int, output_size: int, name: str):

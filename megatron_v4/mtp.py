@@ -145,6 +145,13 @@ class DeepSeekV4MTPBlock(MegatronModule):
             for k, layer_spec in enumerate(spec.layer_specs)
         )
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Each MTP layer's own (tensor-parallel aware) sharded state dict, keyed `layers.{k}.`."""
+        sharded_state_dict = {}
+        for k, layer in enumerate(self.layers):
+            sharded_state_dict.update(layer.sharded_state_dict(f"{prefix}layers.{k}.", sharded_offsets, metadata))
+        return sharded_state_dict
+
     def forward(
         self,
         streams: torch.Tensor,

@@ -16,7 +16,7 @@ import re
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -267,5 +267,29 @@ def train(layout_kwargs: dict, full: dict | None, config_overrides: dict | None 
                 result["mtp_losses"].append(mtp.item())
         result["final"] = gather(chunks)
         return result
+    finally:
+        megatron_v4.destroy()
+
+
+def save_checkpoint(layout_kwargs: dict, full: dict, directory: str) -> None:
+    """Megatron-Core distributed checkpoint of the full weights, written from a layout."""
+    layout = megatron_v4.initialize(**layout_kwargs)
+    try:
+        (model,) = build_chunks(tiny_config(layout))
+        _load([model], full)
+        dist_checkpointing.save(model.sharded_state_dict(), directory)
+    finally:
+        megatron_v4.destroy()
+
+
+def load_checkpoint(layout_kwargs: dict, directory: str) -> dict:
+    layout = megatron_v4.initialize(**layout_kwargs)
+    try:
+        (model,) = build_chunks(tiny_config(layout))
+        with torch.no_grad():
+            for _, tensor in _state([model]).values():
+                tensor.zero_()
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), directory))
+        return gather([model])
     finally:
         megatron_v4.destroy()

@@ -131,6 +131,18 @@ def test_tensor_parallel_without_sequence_parallel_gives_the_same_logits(referen
     _check_logits(results, reference, "tp2")
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world,layout", [(4, dict(tp=2, sp=True, ep=2)), (2, dict(pp=2))], ids=["tp2sp-ep2", "pp2"])
+def test_distributed_checkpoint_from_a_layout_loads_at_one_rank(reference, tmp_path, world, layout):
+    """Every tensor is written once with its global shape and offset (TP slices, replicated
+    tensors, experts, MTP, routing buffers), so one rank reads back the full weights."""
+    run_on_ranks(ranks.save_checkpoint, world, layout, reference["initial"], str(tmp_path), timeout=120)
+    (loaded,) = run_on_ranks(ranks.load_checkpoint, 1, {}, str(tmp_path), timeout=120)
+    assert set(loaded) == set(reference["initial"])
+    for name, value in loaded.items():
+        assert torch.equal(value, reference["initial"][name]), name
+
+
 @pytest.mark.parametrize(
     "sizes,overrides,message",
     [
