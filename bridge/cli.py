@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 import torch
 
@@ -79,9 +80,17 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else EXIT_MISMATCH
 
 
+def quiet_libraries() -> None:
+    """Keep Megatron-Core's, PyTorch's and transformers' set-up warnings off a conversion's output."""
+    warnings.filterwarnings("ignore", module=r"(megatron|torch|transformers)(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|absl|RoPE scaling).*")
+    logging.getLogger().setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.getLogger().setLevel(logging.ERROR)
+    quiet_libraries()
     try:
         return run(args)
     except KeyboardInterrupt:
