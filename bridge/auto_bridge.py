@@ -171,19 +171,22 @@ class AutoBridge:
 
     def save_hf_pretrained(self, model, out_dir: str | os.PathLike, max_shard_bytes: int | None = None) -> str:
         """Write the model, from any parallel layout, as an official-flavour checkpoint (safetensors +
-        config.json). Call it on every rank; rank 0 writes."""
+        config.json). Call it on every rank: rank 0 receives the tensors one by one and writes."""
         chunks = model_chunks(model)
         items = self.export_hf_weights(chunks, all_ranks=False)
         if dist.is_initialized() and dist.get_rank() != 0:
             for _ in items:
                 pass
-            return os.fspath(out_dir)
-        write_safetensors(items, out_dir, max_shard_bytes=max_shard_bytes)
-        config = chunks[0].config
-        dtype = str(config.params_dtype).removeprefix("torch.")
-        write_official_config(
-            dataclasses.replace(self.config, num_nextn_predict_layers=config.mtp_num_layers or 0, dtype=dtype), out_dir
-        )
+        else:
+            write_safetensors(items, out_dir, max_shard_bytes=max_shard_bytes)
+            config = chunks[0].config
+            dtype = str(config.params_dtype).removeprefix("torch.")
+            mtp_layers = config.mtp_num_layers or 0
+            write_official_config(
+                dataclasses.replace(self.config, num_nextn_predict_layers=mtp_layers, dtype=dtype), out_dir
+            )
+        if dist.is_initialized():
+            dist.barrier()  # the checkpoint is complete when any rank returns
         return os.fspath(out_dir)
 
 

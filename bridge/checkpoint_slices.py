@@ -24,6 +24,8 @@ class HFSourceSlices:
 
     def __init__(self, source: HFSource):
         self.source = source
+        self._files: dict[str, object] = {}
+        """Open files (memory-mapped once; a read touches only its slice's pages)."""
 
     def names(self) -> list[str]:
         return self.source.names()
@@ -36,8 +38,10 @@ class HFSourceSlices:
         if stored.format.quant is not None:
             values, _ = self.source.read(official)
             return take_slice(values, part, official)
-        with safe_open(self.source.file_of(official), framework="pt") as f:
-            return f.get_slice(stored.name)[_index(stored, part, official)]
+        file = self.source.file_of(official)
+        if file not in self._files:
+            self._files[file] = safe_open(file, framework="pt")
+        return self._files[file].get_slice(stored.name)[_index(stored, part, official)]
 
 
 def _index(stored: StoredTensor, part: Slice, official: str) -> tuple:

@@ -1,13 +1,14 @@
 """Full Megatron-Core tensors from a model split over any parallel layout, one tensor at a time.
 
-Every rank lists what it holds (global name, slice, shape); the lists are
-exchanged once, so that all ranks walk the same catalogue of the whole model in
-the same order. For each tensor, the lowest rank holding it is its source: its
-tensor- (or expert-tensor-) parallel group all-gathers the slices, and the full
-tensor goes from the source to every rank (a broadcast) or to rank 0 only (a
-send). Only one full tensor is in flight at a time: no rank ever holds more of
-the model than its own part plus one tensor. Every rank must consume the stream
-to its end, since each step is a collective.
+The ranks describe what they hold (global name, slice, shape; one rank per
+copy, so data-parallel replicas and the other members of a tensor-parallel group
+stay silent) and exchange the descriptions once: all ranks then walk the same
+catalogue of the whole model in the same order. For each tensor, the lowest
+describing rank is its source: its tensor- (or expert-tensor-) parallel group
+all-gathers the slices, and the full tensor goes from the source to every rank
+(a broadcast) or to rank 0 only (a send). Only one full tensor is in flight at
+a time: no rank ever holds more of the model than its own part plus one tensor.
+Every rank must consume the stream to its end, since each step is a collective.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from bridge.pipeline import RankPosition
 from bridge.rank_tensors import RankTensor, Slice, rank_tensors
 
 SECTIONS = ("embedding.", "decoder.layers.", "decoder.", "output_layer.", "mtp.")
-"""Catalogue order: the order of the one-rank model's state dict."""
+"""Catalogue order, whatever the layout: by section, then layer, then rule, then expert."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,16 @@ def _group_of(entry: RankTensor):
     return ps.get_tensor_model_parallel_group()
 
 
+def _reports(entry: RankTensor, ranks: RankPosition) -> bool:
+    """Whether this rank describes `entry` in the catalogue: one rank per copy of the model (data-parallel
+    rank 0, first rank of its tensor-parallel group), so that the catalogue stays the model's size."""
+    from megatron.core import parallel_state as ps
+
+    if entry.match.rule.sharding.by_expert:
+        return ps.get_expert_data_parallel_rank() == 0 and ranks.etp_rank == 0
+    return ps.get_data_parallel_rank(with_context_parallel=True) == 0 and ranks.tp_rank == 0
+
+
 def _catalogue_key(match: RuleMatch, rule_order: dict) -> tuple:
     section = next(i for i, prefix in enumerate(SECTIONS) if match.rule.mcore.startswith(prefix))
     values = match.values
@@ -60,17 +71,13 @@ def _full_from_slices(parts: list[torch.Tensor], part: Slice) -> torch.Tensor:
     return torch.cat(parts, dim=part.dim)
 
 
-def _full_shape(holding: Holding) -> tuple[int, ...]:
+def _receive_buffer(holding: Holding) -> torch.Tensor:
+    """An empty full tensor to receive `holding` into, where the backend communicates (GPU for NCCL)."""
     shape = list(holding.shape)
     if not holding.slice.whole:
         shape[holding.slice.dim] *= holding.slice.size
-    return tuple(shape)
-
-
-def _comm_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    return torch.empty(shape, dtype=getattr(torch, holding.dtype.removeprefix("torch.")), device=device)
 
 
 def gather_full_tensors(
@@ -95,6 +102,8 @@ def gather_full_tensors(
     me = dist.get_rank()
     mine = []
     for entry, tensor in held.values():
+        if not _reports(entry, ranks):
+            continue
         group = (me,) if entry.slice.whole else tuple(dist.get_process_group_ranks(_group_of(entry)))
         mine.append(Holding(entry.global_name, tuple(tensor.shape), str(tensor.dtype), entry.slice, group))
     everyone: list[list[Holding]] = [None] * dist.get_world_size()
@@ -104,7 +113,6 @@ def gather_full_tensors(
         for holding in holdings:
             source.setdefault(holding.global_name, (rank, holding))
     matches = {name: mcore.from_mcore(name) for name in source}
-    device = _comm_device()
 
     for name in sorted(source, key=lambda n: _catalogue_key(matches[n], rule_order)):
         src, holding = source[name]
@@ -118,10 +126,7 @@ def gather_full_tensors(
                 dist.all_gather(parts, local.contiguous(), group=_group_of(entry))
                 full = _full_from_slices(parts, holding.slice)
         if all_ranks:
-            if full is None:
-                full = torch.empty(_full_shape(holding), dtype=getattr(torch, holding.dtype.removeprefix("torch.")),
-                                   device=device)
-            full = full.contiguous()
+            full = _receive_buffer(holding) if full is None else full.contiguous()
             dist.broadcast(full, src)
             yield name, full.cpu()
         elif src == 0 and me == 0:
@@ -129,7 +134,6 @@ def gather_full_tensors(
         elif me == src:
             dist.send(full.contiguous(), 0)
         elif me == 0:
-            full = torch.empty(_full_shape(holding), dtype=getattr(torch, holding.dtype.removeprefix("torch.")),
-                               device=device)
+            full = _receive_buffer(holding)
             dist.recv(full, src)
             yield name, full.cpu()
