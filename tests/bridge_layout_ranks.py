@@ -78,10 +78,12 @@ def load_and_export(checkpoint: str, layout: dict, save_dir: str, token_ids: tor
                         tensor.detach().clone(), _slice_description(name, tensor))
         export_all = dict(bridge.export_hf_weights(chunks))
         export_rank0 = dict(bridge.export_hf_weights(chunks, all_ranks=False))
+        export_in_source_naming = dict(bridge.export_hf_weights(chunks, naming=bridge.naming, all_ranks=False))
         bridge.save_hf_pretrained(chunks, save_dir)
         for chunk in chunks:
             chunk.eval()
         logits = megatron_v4.forward_logits(chunks, token_ids)
-        return dict(held=held, reads=reads, export_all=export_all, export_rank0=export_rank0, logits=logits)
+        return dict(held=held, reads=reads, export_all=export_all, export_rank0=export_rank0,
+                    export_in_source_naming=export_in_source_naming, logits=logits)
     finally:
         megatron_v4.destroy()

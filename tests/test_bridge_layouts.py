@@ -125,4 +125,7 @@ def test_load_into_layout_and_export_back(layout, checkpoints, token_ids, one_ra
         assert [sorted(stage) for stage in layers] == [["0", "1"], ["2"], ["3"]]
     assert seen == set(reference["state"]), f"tensors no rank holds: {sorted(set(reference['state']) - seen)[:3]}"
     _assert_bit_identical(results[0]["export_rank0"], reference["export"], "rank-0 export")
+    if source != QUANTISED:  # a quantised source comes back dequantised
+        want = dict(SafetensorsCheckpoint(checkpoints[source]).items())
+        _assert_bit_identical(results[0]["export_in_source_naming"], want, f"export in the {source} naming")
     _assert_bit_identical(dict(SafetensorsCheckpoint(tmp_path).items()), reference["export"], "saved checkpoint")
