@@ -4,6 +4,15 @@ Field names follow the official `config.json` where Megatron-Core has no
 field of its own; Megatron-Core's own fields (hidden_size, num_attention_heads,
 num_moe_experts, moe_router_topk, layernorm_epsilon, mtp_num_layers, ...) keep
 their meaning. `kv_channels` is the attention head dim (512 in the real models).
+
+Parallel sizes are checked when the config is built, before Megatron-Core's own
+checks, and a size that does not divide is refused with the sizes that would:
+tp must divide num_attention_heads, o_groups, vocab_size, index_n_heads (with
+CSA layers), hidden_size (with MTP) and the shared expert's width; ep must
+divide num_moe_experts; etp must divide moe_ffn_hidden_size; pp * vpp must not
+exceed num_layers. When pp * vpp does not divide num_layers (V4-Flash has 43
+layers, V4-Pro 61), an uneven `pipeline_model_parallel_layout` is filled in
+(see `_default_pipeline_layout`); Megatron-Core's own layout options override it.
 """
 
 from __future__ import annotations

@@ -6,14 +6,29 @@ the per-token loss [batch, seq] with labels (labels are the next tokens, as in
 Megatron). Embedding and output layer are untied. With `mtp_num_layers`, the
 MTP loss is added to the gradients (see `megatron_v4.mtp`) when labels are given.
 
-Pipeline parallelism: `pre_process` stages embed, the others take the
-previous stage's streams through `set_input_tensor`; `post_process` stages
-collapse the streams, run MTP and the output layer. Every stage needs the
-token ids (hash routing). Between stages the hc_mult residual streams travel
-as one 3-d tensor [seq, batch * hc_mult, hidden] (a view, no copy), which is
-what Megatron-Core's schedules send: run them with
-`micro_batch_size = batch * hc_mult` (their receive buffers are
-[seq_length, micro_batch_size, hidden_size]) or with `variable_seq_lengths`.
+Parallelism (see `megatron_v4.config` for the sizes it accepts):
+- tensor: attention heads, output groups and indexer heads, the shared
+  expert, MTP's projections, embedding and output layer are split; the KV
+  head, compressors, q_down, norms and mHC parameters are replicated.
+  Training needs `sequence_parallel=True` with TP > 1 (Megatron-Core's MoE);
+  the attention gathers the sequence at its entry (its window, compressors
+  and indexer need every earlier token).
+- expert: Megatron-Core's dispatchers (allgather, alltoall) and experts; hash
+  routing reads the token ids of the tokens this rank routes.
+- pipeline: `pre_process` stages embed, the others take the previous stage's
+  streams through `set_input_tensor`; `post_process` stages collapse the
+  streams, run MTP and the output layer. Every stage gets the token ids as
+  `input_ids` (hash routing, and MTP's embedding on the last stage). Between
+  stages the hc_mult residual streams travel as one 3-d tensor
+  [seq, batch * hc_mult, hidden] (a view, no copy), which is what
+  Megatron-Core's schedules send: run them with
+  `micro_batch_size = batch * hc_mult` (their receive buffers are
+  [seq_length, micro_batch_size, hidden_size]) or with `variable_seq_lengths`.
+  Interleaved schedules: build one model per virtual stage with
+  `vp_stage=i`, `pre_process=is_pipeline_first_stage(ignore_virtual=False, vp_stage=i)`
+  and `post_process=is_pipeline_last_stage(ignore_virtual=False, vp_stage=i)`,
+  and give every chunk its own iterator over the same micro-batches.
+`megatron_v4.forward_logits` runs the forward-only schedule at any layout.
 """
 
 from __future__ import annotations
