@@ -27,9 +27,6 @@ class HFSourceSlices:
         self._files: dict[str, object] = {}
         """Open files (memory-mapped once; a read touches only its slice's pages)."""
 
-    def names(self) -> list[str]:
-        return self.source.names()
-
     def read(self, official: str, part: Slice = Slice()) -> torch.Tensor:
         """`part` of official tensor `official`, reading only its bytes unless it is quantised."""
         stored = self.source.tensors.get(official)
@@ -46,13 +43,13 @@ class HFSourceSlices:
 
 def _index(stored: StoredTensor, part: Slice, official: str) -> tuple:
     """The safetensors slice index of `part`: a range per dim, led by the expert of a stacked tensor."""
+    if part.glu:
+        raise ValueError(f"{official}: a glu slice spans w1 and w3; slice each of them")
     ranges = [slice(0, extent) for extent in stored.shape]
     if stored.expert is not None:
         rows = stored.shape[0]
         ranges[0] = slice(stored.part * rows, (stored.part + 1) * rows)
     if not part.whole:
-        if part.glu:
-            raise ValueError(f"{official}: a glu slice spans two tensors; read w1 and w3 separately")
         length = check_divides(stored.shape[part.dim], part, official)
         start = ranges[part.dim].start + part.rank * length
         ranges[part.dim] = slice(start, start + length)
@@ -64,9 +61,6 @@ class InMemorySlices:
 
     def __init__(self, weights, naming: str):
         self._tensors = dict(pipeline.to_official(weights.items(), naming))
-
-    def names(self) -> list[str]:
-        return list(self._tensors)
 
     def read(self, official: str, part: Slice = Slice()) -> torch.Tensor:
         tensor = self._tensors.get(official)

@@ -104,15 +104,13 @@ def rank_tensors(
 
 
 def take_slice(tensor: torch.Tensor, part: Slice, name: str) -> torch.Tensor:
-    """`part` of a full tensor (a view)."""
+    """`part` of one full official tensor (a view); a [w1; w3] tensor is read as its two halves instead."""
+    if part.glu:
+        raise ValueError(f"{name}: a glu slice spans w1 and w3; slice each of them")
     if part.whole:
         return tensor
-    halves = tensor.chunk(2, dim=part.dim) if part.glu else (tensor,)
-    pieces = []
-    for half in halves:
-        length = check_divides(half.shape[part.dim], part, name)
-        pieces.append(half.narrow(part.dim, part.rank * length, length))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=part.dim)
+    length = check_divides(tensor.shape[part.dim], part, name)
+    return tensor.narrow(part.dim, part.rank * length, length)
 
 
 def check_divides(extent: int, part: Slice, name: str) -> int:
