@@ -238,7 +238,9 @@ class DSv4HybridSelfAttention(MegatronModule):
                 head_dim=self.head_dim,
             )
         if self.compress_ratio == CSA:
-            self.indexer = build_module(submodules.indexer, config=full_sequence_config, tp_group=self.tp_group)
+            self.indexer = build_module(
+                submodules.indexer, config=full_sequence_config, tp_group=self.tp_group
+            )
         self.rotary = DSv4RotaryEmbedding(config, compressed=self.compress_ratio != SLIDING)
 
     @staticmethod

@@ -169,7 +169,8 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
         checks = [(name, value, "tp", tp) for name, value in split_over_tp.items()]
         if self.num_moe_experts:
             checks.append(("num_moe_experts", self.num_moe_experts, "ep", ep))
-            checks.append(("moe_ffn_hidden_size", self.moe_ffn_hidden_size or self.ffn_hidden_size, "etp", etp))
+            expert_width = self.moe_ffn_hidden_size or self.ffn_hidden_size
+            checks.append(("moe_ffn_hidden_size", expert_width, "etp", etp))
         for name, value, size_name, size in checks:
             if value and value % size:
                 divisors = [d for d in range(1, value + 1) if value % d == 0]

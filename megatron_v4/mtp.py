@@ -149,7 +149,8 @@ class DeepSeekV4MTPBlock(MegatronModule):
         """Each MTP layer's own (tensor-parallel aware) sharded state dict, keyed `layers.{k}.`."""
         sharded_state_dict = {}
         for k, layer in enumerate(self.layers):
-            sharded_state_dict.update(layer.sharded_state_dict(f"{prefix}layers.{k}.", sharded_offsets, metadata))
+            layer_prefix = f"{prefix}layers.{k}."
+            sharded_state_dict.update(layer.sharded_state_dict(layer_prefix, sharded_offsets, metadata))
         return sharded_state_dict
 
     def forward(

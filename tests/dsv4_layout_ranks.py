@@ -196,7 +196,9 @@ def _dp_mean(value: torch.Tensor) -> torch.Tensor:
     return value / parallel_state.get_data_parallel_world_size()
 
 
-def train(layout_kwargs: dict, full: dict | None, config_overrides: dict | None = None, train_steps: bool = True) -> dict:
+def train(
+    layout_kwargs: dict, full: dict | None, config_overrides: dict | None = None, train_steps: bool = True
+) -> dict:
     layout = megatron_v4.initialize(**layout_kwargs)
     try:
         config = tiny_config(layout, **(config_overrides or {}))
@@ -230,7 +232,9 @@ def train(layout_kwargs: dict, full: dict | None, config_overrides: dict | None 
             # (layer 0's hyper-connection, whose n streams are still identical) and carry
             # reduction-order noise of a few 1e-9, which Adam's g / (|g| + eps) with the default
             # eps=1e-8 turns into 1e-3 differences of the update (1e-4 of the weight).
-            OptimizerConfig(optimizer="adam", lr=1e-2, adam_eps=1e-4, params_dtype=torch.float32, clip_grad=0.0),
+            OptimizerConfig(
+                optimizer="adam", lr=1e-2, adam_eps=1e-4, params_dtype=torch.float32, clip_grad=0.0
+            ),
             ddp_chunks,
         )
         for chunk in ddp_chunks:
@@ -244,9 +248,10 @@ def train(layout_kwargs: dict, full: dict | None, config_overrides: dict | None 
             num_microbatches = share  # one sequence per micro-batch
             batch = global_batch(step)[dp_rank * share : (dp_rank + 1) * share]
             micro_batches = list(batch.split(1))
+            iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
             losses = get_forward_backward_func()(
                 forward_step_func=_forward_step,
-                data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
+                data_iterator=iterators,
                 model=ddp_chunks,
                 num_microbatches=num_microbatches,
                 seq_length=SEQ,
