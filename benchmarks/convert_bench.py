@@ -115,6 +115,15 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM: unlike ru_maxrss, not inherited across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child(argv: list[str]) -> None:
     """Run one CLI command in this process; print its wall time and peak RSS as JSON."""
     from bridge.cli import main
@@ -122,7 +131,7 @@ def _child(argv: list[str]) -> None:
     start = time.perf_counter()
     code = main(argv + ["--quiet"])
     seconds = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak_rss = _peak_rss()
     print(json.dumps({"code": code, "seconds": seconds, "peak_rss": peak_rss}))
 
 
