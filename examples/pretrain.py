@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     g.add_argument("--ep", type=int, default=1, help="expert parallel size")
     g.add_argument("--etp", type=int, default=1, help="expert tensor parallel size")
+    g.add_argument("--moe-dispatcher", choices=["allgather", "alltoall"], default="allgather",
+                   help="Megatron-Core's MoE token dispatcher")
 
     g = p.add_argument_group("model")
     g.add_argument("--hf", help="start from this Hugging Face checkpoint's weights (through the bridge)")
@@ -110,7 +112,7 @@ def model_config(args, arch, layout):
         mtp_num_layers=mtp,
         mtp_loss_scaling_factor=args.mtp_loss_scale,
         moe_router_bias_update_rate=args.bias_update_rate,
-        moe_token_dispatcher_type="alltoall" if layout.ep > 1 else "allgather",
+        moe_token_dispatcher_type=args.moe_dispatcher,
         **(recompute if args.recompute else {}),
     )
 
@@ -205,17 +207,20 @@ def _train(args, layout) -> list[dict]:
     if resume:
         common = training.load_checkpoint(resume, bare, optimizer, scheduler)
         start = common["step"]
-        log.info("resumed %s at step %d (%d samples consumed)", resume, start, common["consumed_samples"])
+        if dist.get_rank() == 0:
+            log.info("resumed %s at step %d (%d samples consumed)", resume, start, common["consumed_samples"])
     elif args.load:
         training.load_model_weights(bare, args.load)
         optimizer.reload_model_params()
-        log.info("model weights from %s", args.load)
+        if dist.get_rank() == 0:
+            log.info("model weights from %s", args.load)
     elif args.hf:
         from bridge import AutoBridge
 
         AutoBridge.from_hf_pretrained(args.hf).load_hf_weights([bare])
         optimizer.reload_model_params()
-        log.info("model weights from %s", args.hf)
+        if dist.get_rank() == 0:
+            log.info("model weights from %s", args.hf)
 
     data = dataset(args, order, config.vocab_size)
     stop = min(args.train_iters, args.exit_after or args.train_iters)
@@ -227,9 +232,10 @@ def _train(args, layout) -> list[dict]:
         metrics.update(step=step + 1, seconds=time.perf_counter() - began)
         history.append(metrics)
         if dist.get_rank() == 0 and (step + 1) % args.log_interval == 0:
+            mtp = "" if metrics["mtp_loss"] is None else f" | mtp loss {metrics['mtp_loss']:.4f}"
             log.info(
-                "step %d/%d | loss %.4f | mtp loss %.4f | grad norm %.3f | lr %.2e | %.0f tokens/s | mem %.2f GB",
-                step + 1, args.train_iters, metrics["loss"], metrics["mtp_loss"], metrics["grad_norm"],
+                "step %d/%d | loss %.4f%s | grad norm %.3f | lr %.2e | %.0f tokens/s | mem %.2f GB",
+                step + 1, args.train_iters, metrics["loss"], mtp, metrics["grad_norm"],
                 metrics["lr"], metrics["tokens"] / metrics["seconds"], memory_gb(),
             )
         done = step + 1

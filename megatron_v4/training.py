@@ -214,8 +214,11 @@ def tokenise_to_indexed(text_path: str, tokenizer, out_prefix: str) -> str:
         dtype = numpy.uint16 if tokenizer.vocab_size <= 65536 else numpy.int32
         builder = IndexedDatasetBuilder(out_prefix + ".bin", dtype=dtype)
         for text in _documents(text_path):
-            builder.add_document(tokenizer.encode(text) + [tokenizer.eod], [0])
+            ids = tokenizer.encode(text) + [tokenizer.eod]
+            builder.add_document(ids, [len(ids)])
         builder.finalize(out_prefix + ".idx")
+        if not builder.sequence_lengths or not sum(builder.sequence_lengths):
+            raise ValueError(f"{text_path} holds no text (JSONL needs a 'text' field per line)")
     dist.barrier()
     return out_prefix
 
@@ -299,7 +302,8 @@ def prepare_for_training(model: DistributedDataParallel, optimizer) -> None:
 
 def train_step(model, optimizer, scheduler, dataset, order: DataOrder, step: int, seq_length: int) -> dict:
     """Forward/backward over one global batch, optimizer and LR-scheduler step. Returns the step's metrics,
-    identical on every rank: loss (token mean over the global batch), mtp_loss, grad_norm, lr, tokens."""
+    identical on every rank: loss (token mean over the global batch), mtp_loss (None without MTP),
+    grad_norm, lr, tokens."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
@@ -328,7 +332,7 @@ def train_step(model, optimizer, scheduler, dataset, order: DataOrder, step: int
     dist.all_reduce(totals)
     return {
         "loss": (totals[0] / totals[1]).item(),
-        "mtp_loss": (totals[2] / totals[3]).item() if totals[3] else float("nan"),
+        "mtp_loss": (totals[2] / totals[3]).item() if totals[3] else None,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": scheduler.get_lr(optimizer.param_groups[0]),
         "tokens": order.global_batch_size * seq_length,
