@@ -41,14 +41,17 @@ from bridge.mcore_checkpoint import (
 from bridge.mcore_naming import MCoreNaming, detect_expert_layout
 from bridge.output_dir import atomic_output_dir
 from bridge.progress import Progress
-from bridge.quantisation import SourceFormat, dtype_name, requantise
-from bridge.safetensors_io import INDEX_FILE, SafetensorsCheckpoint, write_safetensors
+from bridge.quantisation import FP4, SourceFormat, dtype_name, requantise
+from bridge.safetensors_io import INDEX_FILE, SafetensorsCheckpoint
+from bridge.safetensors_stream import PlannedTensor, StreamingSafetensorsWriter
 
 RECORD_DIR = "dsv4_bridge"
 RECORD_FILE = "source.json"
 SCALES_DIR = "scales"
 RECORD_FORMAT = "megatron_v4.bridge.source/1"
 EXPORT_DTYPES = ("source", "bf16")
+READ_GROUP_BYTES = 256 << 20
+"""Export reads Megatron-Core tensors in groups of about this size (one DCP read per group)."""
 
 
 # --- the record of the source checkpoint -----------------------------------------------------------
@@ -326,13 +329,16 @@ def export_checkpoint(
         bar = Progress("export", len(sharding), total, enabled=progress)
 
         def official_tensors():
-            for name, tensor in reader.read(sharding, max_group_bytes=max_shard_bytes):
+            for name, tensor in reader.read(sharding, max_group_bytes=READ_GROUP_BYTES):
                 bar.update(tensor.nbytes)
                 for official, piece in pipeline.split([(name, tensor)], mcore):
                     yield from _exported(official, piece, record, dtype, originals, report)
 
         with atomic_output_dir(out_dir, force) as tmp:
-            report.files = write_safetensors(official_tensors(), tmp, max_shard_bytes=max_shard_bytes)
+            writer = StreamingSafetensorsWriter(tmp, _export_plan(sharding, mcore, record, dtype), max_shard_bytes)
+            for name, tensor in official_tensors():
+                writer.write(name, tensor)
+            report.files = writer.close()
             written_config = config
             if dtype == "bf16":
                 written_config = dataclasses.replace(config, quantization_config=None, expert_dtype=None,
@@ -342,6 +348,33 @@ def export_checkpoint(
         bar.close()
     report.seconds = bar.seconds
     return report
+
+
+def _export_plan(sharding: dict, mcore: MCoreNaming, record: SourceRecord, dtype: str) -> list[PlannedTensor]:
+    """Every tensor the export writes, in order, with its dtype and shape (see `_exported`)."""
+    plan = []
+    for name, sharded in sharding.items():
+        official = mcore.from_mcore(name).official_names
+        shape = tuple(sharded.data.shape)
+        piece = (shape[0] // len(official), *shape[1:]) if len(official) > 1 else shape
+        for o in official:
+            fmt = record.tensors.get(o)
+            if fmt is None:
+                raise CheckpointError(f"tensor {o!r} has no entry in the import record {RECORD_DIR}/{RECORD_FILE}")
+            if fmt.quant is None:
+                keep = not (dtype == "bf16" and fmt.dtype == "bfloat16")
+                plan.append(PlannedTensor(o, fmt.torch_dtype if keep else torch.bfloat16, piece))
+            elif dtype == "bf16":
+                plan.append(PlannedTensor(o, torch.bfloat16, piece))
+            else:
+                rows, cols = piece
+                if fmt.quant == FP4:
+                    plan.append(PlannedTensor(o, fmt.torch_dtype, (rows, cols // 2)))
+                else:
+                    plan.append(PlannedTensor(o, fmt.torch_dtype, piece))
+                blocks = (-(-rows // fmt.block[0]), -(-cols // fmt.block[1]))
+                plan.append(PlannedTensor(scale_name(o), getattr(torch, fmt.scale_dtype), blocks))
+    return plan
 
 
 class _NamesOnly:
@@ -370,7 +403,7 @@ def _exported(official, tensor, record: SourceRecord, dtype: str, originals, rep
     stored, scale, fresh = requantise(tensor, fmt, original)
     report.quantised_tensors += 1
     report.fresh_scale_blocks += fresh
-    yield official, stored
+    yield official, stored.view(fmt.torch_dtype)
     yield scale_name(official), scale
 
 

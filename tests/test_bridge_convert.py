@@ -75,7 +75,9 @@ def test_round_trip_gives_back_every_byte(tmp_path, case, capsys):
     if maker.get("max_shard_bytes"):
         assert (hf / INDEX_FILE).is_file()
     assert cli(["import", "--hf", str(hf), "--out", str(mcore), "--dtype", import_dtype, "--quiet"]) == 0
-    assert cli(["export", "--mcore", str(mcore), "--out", str(exported), "--quiet"]) == 0
+    sharded_output = ["--max-shard-gb", "0.00005"] if maker.get("max_shard_bytes") else []
+    assert cli(["export", "--mcore", str(mcore), "--out", str(exported), "--quiet", *sharded_output]) == 0
+    assert (exported / INDEX_FILE).is_file() == bool(sharded_output)
     source, result = official_tensors(hf), official_tensors(exported)
     assert_bit_identical(source, result)
     kinds = {t.dtype for t in source.values()}
@@ -104,6 +106,25 @@ def test_verify_matches_transformers(imported, capsys):
     assert report.argmax_agreement == 1.0
     assert cli(["verify", "--hf", str(hf), "--mcore", str(mcore), "--sequences", "1", "--seq-len", "16"]) == 0
     assert "OK" in capsys.readouterr().out
+
+
+def test_bf16_export_holds_the_dequantised_values(imported, tmp_path):
+    from bridge.hf_source import HFSource
+
+    hf, mcore = imported
+    out = tmp_path / "bf16"
+    convert.export_checkpoint(mcore, out, "bf16", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and "expert_dtype" not in config
+    source, exported = HFSource(hf), HFSource(out)
+    assert sorted(source.names()) == sorted(exported.names())
+    for name in source.names():
+        fmt, values = source.tensors[name].format, source.read(name)[0]
+        got = exported.read(name)[0]
+        assert exported.tensors[name].format.quant is None
+        expected_dtype = torch.bfloat16 if fmt.quant or fmt.dtype == "bfloat16" else fmt.torch_dtype
+        assert got.dtype == expected_dtype, name
+        assert torch.equal(got, values.to(expected_dtype)), name
 
 
 LAYOUTS = {"tp2": (dict(tp=2), {}), "ep2": (dict(ep=2), {}), "pp2": (dict(pp=2), {})}
