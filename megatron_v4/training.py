@@ -89,16 +89,6 @@ def build_optimizer(model, config):
     return get_megatron_optimizer(config, [model])
 
 
-def _expose_mtp_layers_to_schedules(model: DeepSeekV4Model) -> None:
-    """Megatron-Core's schedules tag each MTP layer's `mtp_model_layer` with the micro-batch number
-    (cuda_graphs.set_current_microbatch); ours is called `transformer_layer` (the contract's name). The
-    alias is a plain attribute, not a submodule, so parameter names and checkpoints do not change.
-    (Belongs in `DeepSeekV4MTPLayer`.)"""
-    for layer in getattr(getattr(model, "mtp", None), "layers", []):
-        if not hasattr(layer, "mtp_model_layer"):
-            object.__setattr__(layer, "mtp_model_layer", layer.transformer_layer)
-
-
 def build_model(config: DeepSeekV4TransformerConfig, use_distributed_optimizer: bool = True):
     """This rank's stage of `DeepSeekV4Model`, in bf16 if the config says so, inside Megatron-Core's DDP.
 
@@ -111,7 +101,6 @@ def build_model(config: DeepSeekV4TransformerConfig, use_distributed_optimizer: 
     )
     if torch.cuda.is_available():
         bare.cuda(torch.cuda.current_device())
-    _expose_mtp_layers_to_schedules(bare)
     module = Float16Module(config, bare) if config.bf16 else bare
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,

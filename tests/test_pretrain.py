@@ -59,13 +59,10 @@ def converted(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def one_rank(converted, tmp_path_factory) -> list[dict]:
-    """Reference runs on one rank, with the MTP layer and without; the first saves a checkpoint at step 10."""
+    """The reference run on one rank; it saves checkpoints at steps 10 and 20."""
     save = tmp_path_factory.mktemp("one_rank")
-    return {
-        "mtp": launch(1, COMMON + ["--load", converted, "--save", str(save), "--save-interval", "10"]),
-        "no_mtp": launch(1, COMMON + ["--load", converted, "--mtp-layers", "0"]),
-        "save": str(save),
-    }
+    history = launch(1, COMMON + ["--load", converted, "--save", str(save), "--save-interval", "10"])
+    return {"history": history, "save": str(save)}
 
 
 def _relative(a: float, b: float) -> float:
@@ -75,14 +72,13 @@ def _relative(a: float, b: float) -> float:
 @pytest.mark.parametrize(
     "layout",
     [
-        # MTP off: DeepSeekV4MTPLayer's experts do not yet reshard over EP ranks in checkpoints.
-        pytest.param(["--ep", "2", "--mtp-layers", "0"], id="ep2"),
+        pytest.param(["--ep", "2"], id="ep2"),
         pytest.param(["--pp", "2"], id="pp2"),
         pytest.param(["--tp", "2", "--sp"], id="tp2-sp"),
     ],
 )
 def test_layout_matches_one_rank(converted, one_rank, layout):
-    expected = one_rank["no_mtp" if "--mtp-layers" in layout else "mtp"]
+    expected = one_rank["history"]
     parallel = launch(2, COMMON + ["--load", converted] + layout)
     assert len(parallel) == STEPS
     loss_worst = max(_relative(p["loss"], e["loss"]) for p, e in zip(parallel, expected))
@@ -95,13 +91,41 @@ def test_layout_matches_one_rank(converted, one_rank, layout):
     assert grad_worst <= 1e-4
 
 
+def _tensors(checkpoint_dir: str, tmp_path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = tmp_path / (os.path.basename(checkpoint_dir) + ".pt")
+    dcp_to_torch_save(checkpoint_dir, target)
+    return torch.load(target, weights_only=False)
+
+
+def test_expert_bias_updates(converted, one_rank, tmp_path):
+    """Aux-loss-free balancing: after each step every learned router's bias moves by +-rate (or 0 when
+    an expert gets exactly the mean load) towards balance, so after 10 steps (bias - initial) / rate is an
+    integer in [-10, 10]; the hash routers have none."""
+    rate = 1e-3
+    initial = _tensors(converted, tmp_path)
+    trained = _tensors(os.path.join(one_rank["save"], "iter_0000010"), tmp_path)
+    biased = sorted(k for k in trained if k.endswith("router.expert_bias"))
+    assert biased == [
+        "decoder.layers.2.mlp.router.expert_bias",
+        "decoder.layers.3.mlp.router.expert_bias",
+        "mtp.layers.0.transformer_layer.mlp.router.expert_bias",
+    ]
+    for key in biased:
+        steps = (trained[key].double() - initial[key].double()) / rate
+        print(f"{key}: moved by {steps.tolist()} x rate")
+        assert torch.allclose(steps, steps.round(), atol=1e-3)
+        assert 1 <= steps.round().abs().max() <= 10, f"{key} moved {steps.tolist()} x rate in 10 steps"
+
+
 def test_resume_reproduces_the_remaining_steps(converted, one_rank):
     """Resume from the step-10 checkpoint of the uninterrupted reference run: bit-identical metrics."""
     save = one_rank["save"]
     with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write("10\n")
     resumed = launch(1, COMMON + ["--load", save])
-    expected = one_rank["mtp"][10:]
+    expected = one_rank["history"][10:]
     assert [m["step"] for m in resumed] == list(range(11, STEPS + 1))
     for key in ("loss", "mtp_loss", "grad_norm", "lr"):
         assert [m[key] for m in resumed] == [m[key] for m in expected], key
