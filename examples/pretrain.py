@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--data-path", help="prefix of a Megatron indexed dataset (PREFIX.bin / PREFIX.idx)")
     g.add_argument("--text-file", help="plain text (documents split on blank lines) or JSONL with a 'text' field")
     g.add_argument("--tokenizer", help="Hugging Face tokenizer directory for --text-file (default: bytes)")
-    g.add_argument("--data-cache", help="where tokenised data and dataset indices go (default: beside --save)")
+    g.add_argument("--data-cache", help="where tokenised text and dataset indices go (default: beside the data;"
+                   " mock data is not cached)")
     g.add_argument("--seq-length", type=int, default=64)
     g.add_argument("--micro-batch-size", type=int, default=2)
     g.add_argument("--global-batch-size", type=int, default=4, help="a multiple of micro-batch-size * dp")
@@ -119,10 +120,11 @@ def model_config(args, arch, layout):
 
 def dataset(args, order: training.DataOrder, vocab_size: int):
     num_samples = args.train_iters * order.global_batch_size
-    cache = args.data_cache or os.path.join(args.save or ".", "data_cache")
+    cache = args.data_cache
     if args.text_file:
         tokenizer = training.HFTokenizer(args.tokenizer) if args.tokenizer else training.ByteTokenizer()
-        name = os.path.splitext(os.path.basename(args.text_file))[0]
+        cache = cache or os.path.dirname(os.path.abspath(args.text_file))
+        name = os.path.splitext(os.path.basename(args.text_file))[0] + "_tokens"
         prefix = training.tokenise_to_indexed(args.text_file, tokenizer, os.path.join(cache, name))
         kind = "indexed"
     else:
@@ -223,7 +225,7 @@ def _train(args, layout) -> list[dict]:
             log.info("model weights from %s", args.hf)
 
     data = dataset(args, order, config.vocab_size)
-    stop = min(args.train_iters, args.exit_after or args.train_iters)
+    stop = args.train_iters if args.exit_after is None else min(args.train_iters, args.exit_after)
     history = []
     model.train()
     for step in range(start, stop):

@@ -2,10 +2,14 @@
 
 Every run starts from the same weights: a tiny random Hugging Face checkpoint converted to `torch_dist`
 with the bridge, which each layout loads resharded (`--load`). Checked:
-- 20 steps at EP=2, PP=2 and TP=2 (with sequence parallelism) give the losses of one rank (fp32, 1e-4);
-- loss decreases on a small repetitive text corpus (byte tokenizer, JSONL) and on a Hugging Face tokenizer;
+- 20 steps at EP=2, PP=2 and TP=2 (with sequence parallelism) give the losses and gradient norms of one
+  rank (fp32, 1e-4 relative), MTP loss included;
+- the aux-loss-free expert biases move by whole multiples of the update rate (finalize_model_grads);
 - a run stopped at step 10 and resumed from its checkpoint gives the uninterrupted run's remaining
-  losses and gradient norms exactly (model, Adam state, LR schedule, expert biases, data position).
+  losses, MTP losses, gradient norms and learning rates exactly (model, Adam state, LR schedule, expert
+  biases, data position); the same in bf16 (fp32 main parameters);
+- loss decreases on a small repetitive corpus: JSONL with the byte tokenizer, text with a Hugging Face
+  tokenizer made here with the `tokenizers` library.
 """
 
 from __future__ import annotations
@@ -129,6 +133,17 @@ def test_resume_reproduces_the_remaining_steps(converted, one_rank):
     assert [m["step"] for m in resumed] == list(range(11, STEPS + 1))
     for key in ("loss", "mtp_loss", "grad_norm", "lr"):
         assert [m[key] for m in resumed] == [m[key] for m in expected], key
+
+
+def test_resume_in_bf16(tmp_path):
+    """bf16 model (Float16Module) with fp32 main parameters in the distributed optimizer, as on GPU:
+    6 steps straight, and 3 + 3 through a checkpoint, from random initialisation and mock data."""
+    args = ["--dtype", "bf16", "--train-iters", "6", "--warmup-iters", "1", "--seq-length", "32"]
+    straight = launch(1, args)
+    launch(1, args + ["--save", str(tmp_path), "--exit-after", "3"])
+    resumed = launch(1, args + ["--load", str(tmp_path)])
+    assert resumed == straight[3:]
+    assert straight[-1]["loss"] < straight[0]["loss"]
 
 
 CORPUS = [
