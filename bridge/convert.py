@@ -198,7 +198,8 @@ def import_checkpoint(
                 sources, stored_dtype = plan[name]
                 pieces = []
                 for official in sources:
-                    values, scale = source.read(official)
+                    wanted = stored_dtype if stored_dtype.is_floating_point else torch.float32
+                    values, scale = source.read(official, wanted)
                     if scale is not None:
                         scales.add(scale_name(official), scale)
                     pieces.append(_cast(official, values, stored_dtype))

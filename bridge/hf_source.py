@@ -183,8 +183,8 @@ class HFSource:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
 
-    def read(self, official: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(values, original scale or None): fp32 values for a quantised tensor, else the stored tensor."""
+    def read(self, official: str, dequantised_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(values, original scale or None): a quantised tensor's values in `dequantised_dtype`, else the stored tensor."""
         stored = self.tensors.get(official)
         if stored is None:
             raise CheckpointError(f"tensor {official!r} is not in the checkpoint at {self.path}")
@@ -193,7 +193,7 @@ class HFSource:
             if stored.scale is None:
                 return weight, None
             scale = self._get(stored.scale)
-            return dequantise(weight, scale, stored.format), scale
+            return dequantise(weight, scale, stored.format, dequantised_dtype), scale
         key = (stored.name, stored.expert)
         if self._slice_cache is None or self._slice_cache[0] != key:
             self._slice_cache = (key, self._get(stored.name, stored.expert))

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
@@ -99,33 +100,45 @@ def _chunk_id(sharded: ShardedTensor) -> tuple[str, tuple[int, ...]]:
 
 
 # --- writing --------------------------------------------------------------------------------------------
-class _LazySavePlanner:
-    """Wraps Megatron-Core's save planner; tensor items are materialised per parameter, on demand."""
+class _LazySavePlanner(MCoreSavePlanner):
+    """Megatron-Core's save planner, with tensor items materialised per parameter when the writer reaches them.
 
-    def __new__(cls, owner_of, sharding, materialise, on_written):
-        from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+    Items are ordered by their parameter's place in `order`, so that a parameter saved as
+    several chunks (a factory) is materialised once, and the source is read in order.
+    """
 
-        class Planner(MCoreSavePlanner):
-            def resolve_data(self, write_item):
-                if write_item.type == WriteItemType.BYTE_IO:
-                    return super().resolve_data(write_item)
-                chunk_id = (write_item.index.fqn, tuple(write_item.index.offset))
-                name = owner_of[chunk_id]
-                if self._cached_name != name:
-                    self._cached_name = None
-                    self._cached_chunks = None
-                    full = materialise(name)
-                    self._cached_chunks = {_chunk_id(s): s.data for s in _built(sharding[name], full)}
-                    self._cached_name = name
-                    on_written(name, full)
-                placeholder = super().resolve_data(write_item)
-                data = self._cached_chunks[chunk_id].reshape(placeholder.shape)
-                return data.contiguous().clone() if data.untyped_storage().nbytes() != data.nbytes else data
+    def __init__(self, owner_of: dict, sharding: dict, order: list[str], materialise: Materialise, on_written):
+        super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.owner_of, self.sharding, self.materialise, self.on_written = owner_of, sharding, materialise, on_written
+        self.position = {name: i for i, name in enumerate(order)}
+        self.cached_name: str | None = None
+        self.cached_chunks: dict = {}
 
-        planner = Planner(dedup_replicated_tensors=False, flatten_state_dict=False, flatten_sharded_tensors=False)
-        planner._cached_name = None
-        planner._cached_chunks = None
-        return planner
+    def create_local_plan(self):
+        plan = super().create_local_plan()
+
+        def place(item):
+            if item.type == WriteItemType.BYTE_IO:
+                return -1
+            return self.position[self.owner_of[(item.index.fqn, tuple(item.index.offset))]]
+
+        self.plan = dataclasses.replace(plan, items=sorted(plan.items, key=place))
+        return self.plan
+
+    def resolve_data(self, write_item):
+        if write_item.type == WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        chunk_id = (write_item.index.fqn, tuple(write_item.index.offset))
+        name = self.owner_of[chunk_id]
+        if self.cached_name != name:
+            self.cached_name, self.cached_chunks = None, {}
+            full = self.materialise(name)
+            self.cached_chunks = {_chunk_id(s): s.data for s in _built(self.sharding[name], full)}
+            self.cached_name = name
+            self.on_written(name, full)
+        placeholder = super().resolve_data(write_item)
+        data = self.cached_chunks[chunk_id].reshape(placeholder.shape)
+        return data.contiguous().clone() if data.untyped_storage().nbytes() != data.nbytes else data
 
 
 class _StreamingWriter(FileSystemWriter):
@@ -184,7 +197,6 @@ def write_checkpoint(
     if set(order) != set(sharding):
         extra, missing = sorted(set(order) - set(sharding)), sorted(set(sharding) - set(order))
         raise KeyError(f"write order differs from the model's tensors: extra {extra[:3]}, missing {missing[:3]}")
-    position = {name: i for i, name in enumerate(order)}
 
     # Megatron-Core's translation reshapes the ShardedTensors it is given: hand it copies
     sharded_part, common = save_preprocess({k: copy.copy(v) for k, v in sharded_state_dict.items()},
@@ -193,20 +205,7 @@ def write_checkpoint(
     by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_part, keep_only_main_replica=True)
     pyt_state_dict = mcore_to_pyt_state_dict(by_key, is_loading=False)
 
-    planner = _LazySavePlanner(owner_of, sharding, materialise, on_written)
-    original_local_plan = planner.create_local_plan
-
-    def ordered_local_plan():
-        plan = original_local_plan()
-        def rank(item):
-            if item.type == WriteItemType.BYTE_IO:
-                return (-1, 0)
-            return (position[owner_of[(item.index.fqn, tuple(item.index.offset))]], 0)
-        plan = dataclasses.replace(plan, items=sorted(plan.items, key=rank))
-        planner.plan = plan
-        return plan
-
-    planner.create_local_plan = ordered_local_plan
+    planner = _LazySavePlanner(owner_of, sharding, order, materialise, on_written)
     writer = _StreamingWriter(out_dir, single_file_per_rank=True, thread_count=1)
     dcp.save(pyt_state_dict, storage_writer=writer, planner=planner, no_dist=True)
     strategy = TorchDistSaveShardedStrategy()

@@ -177,15 +177,38 @@ def _fp4_pairs() -> torch.Tensor:
 _FP4_PAIRS = _fp4_pairs()
 
 
-def dequantise(weight: torch.Tensor, scale: torch.Tensor, fmt: SourceFormat) -> torch.Tensor:
-    """The fp32 values of a quantised weight."""
+def _exact_dtype(scale: torch.Tensor, fmt: SourceFormat, dtype: torch.dtype) -> torch.Tensor | torch.dtype:
+    """`dtype` if every dequantised value is exact in it (power-of-two scales in its range), else fp32."""
+    if scale.dtype != E8M0 or dtype not in (torch.bfloat16, torch.float32) or scale.numel() == 0:
+        return torch.float32
+    exponents = scale.view(torch.uint8)
+    smallest = int(exponents.min()) - 127 + (-9 if fmt.quant == FP8 else -1)  # e4m3 subnormal 2^-9, e2m1 0.5
+    largest = int(exponents.max()) - 127 + (9 if fmt.quant == FP8 else 3)  # 448 < 2^9, 6 < 2^3
+    fits = smallest >= (-133 if dtype == torch.bfloat16 else -149) and largest < 128
+    return dtype if fits else torch.float32
+
+
+def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """values * per-block scales (in place, through a block view where the blocks tile the tensor)."""
+    rows, cols = values.shape
+    if rows % block[0] == 0 and cols % block[1] == 0:
+        blocks = values.view(rows // block[0], block[0], cols // block[1], block[1])
+        blocks.mul_(scales[:, None, :, None])
+        return values
+    return values * _expand(scales, block, (rows, cols))
+
+
+def dequantise(weight: torch.Tensor, scale: torch.Tensor, fmt: SourceFormat, dtype=torch.float32) -> torch.Tensor:
+    """The values of a quantised weight, in `dtype` (computed exactly; rounded once if `dtype` cannot hold them)."""
+    compute = _exact_dtype(scale, fmt, dtype)
     if fmt.quant == FP8:
-        values = weight.to(torch.float32)
+        values = weight.to(compute)
     elif fmt.quant == FP4:
-        values = _FP4_PAIRS[weight.view(torch.uint8).long()].view(weight.shape[0], -1)
+        index = weight.view(torch.uint8).reshape(-1).to(torch.int32)
+        values = torch.index_select(_FP4_PAIRS.to(compute), 0, index).view(weight.shape[0], -1)
     else:
         raise QuantisationError(f"unknown quantisation {fmt.quant!r}")
-    return values * _expand(scale_values(scale), fmt.block, tuple(values.shape))
+    return _scale_blocks(values, scale_values(scale).to(compute), fmt.block).to(dtype)
 
 
 # --- quantise ---------------------------------------------------------------------------------------
@@ -208,14 +231,15 @@ def _codes_under(weight: torch.Tensor, scale: torch.Tensor, fmt: SourceFormat) -
     """
     shape = tuple(weight.shape)
     if scale.dtype == E8M0:
-        scaled = weight / _expand(scale_values(scale).to(weight.dtype), fmt.block, shape)
+        scaled = _scale_blocks(weight.clone(), (1 / scale_values(scale)).to(weight.dtype), fmt.block)
         if fmt.quant == FP8:
             codes = scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
             return codes, _same_bits(codes.to(weight.dtype), scaled)
         if weight.dtype == torch.bfloat16:
             table_codes, table_exact = _fp4_bf16_tables()
-            index = scaled.view(torch.int16).to(torch.int64) + 32768
-            return table_codes[index], table_exact[index]
+            index = (scaled.view(torch.int16).to(torch.int32) + 32768).reshape(-1)
+            codes = torch.index_select(table_codes, 0, index).view(shape)
+            return codes, torch.index_select(table_exact, 0, index).view(shape)
         codes = fp4_encode(scaled)
         return codes, _same_bits(FP4_VALUES[codes.long()].to(weight.dtype), scaled)
     per_element = _expand(scale_values(scale), fmt.block, shape)
