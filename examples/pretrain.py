@@ -40,8 +40,9 @@ log = logging.getLogger("pretrain")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("parallel layout (world size = tp * pp * dp; ep divides dp * tp)")
-    g.add_argument("--tp", type=int, default=1, help="tensor parallel size (with MoE, implies --sp when > 1)")
-    g.add_argument("--sp", action="store_true", help="sequence parallelism (required by MoE when tp > 1)")
+    g.add_argument("--tp", type=int, default=1,
+                   help="tensor parallel size; > 1 turns on sequence parallelism (Megatron-Core's MoE needs it)")
+    g.add_argument("--sp", action="store_true", help="sequence parallelism (implied by --tp > 1)")
     g.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     g.add_argument("--ep", type=int, default=1, help="expert parallel size")
     g.add_argument("--etp", type=int, default=1, help="expert tensor parallel size")
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("data")
     g.add_argument("--data-path", help="prefix of a Megatron indexed dataset (PREFIX.bin / PREFIX.idx)")
     g.add_argument("--text-file", help="plain text (documents split on blank lines) or JSONL with a 'text' field")
-    g.add_argument("--tokenizer", help="Hugging Face tokenizer directory for --text-file (default: bytes)")
+    g.add_argument("--tokenizer", help="Hugging Face tokenizer directory (--text-file default: UTF-8 bytes)")
     g.add_argument("--data-cache", help="where tokenised text and dataset indices go (default: beside the data;"
                    " mock data is not cached)")
     g.add_argument("--seq-length", type=int, default=64)
@@ -121,14 +122,18 @@ def model_config(args, arch, layout):
 def dataset(args, order: training.DataOrder, vocab_size: int):
     num_samples = args.train_iters * order.global_batch_size
     cache = args.data_cache
+    if args.tokenizer:
+        tokenizer = training.HFTokenizer(args.tokenizer)
+    elif args.text_file:
+        tokenizer = training.ByteTokenizer()
+    else:  # prepared or mock data: only the vocabulary size and an end-of-document id matter
+        tokenizer = training.VocabTokenizer(vocab_size)
     if args.text_file:
-        tokenizer = training.HFTokenizer(args.tokenizer) if args.tokenizer else training.ByteTokenizer()
         cache = cache or os.path.dirname(os.path.abspath(args.text_file))
         name = os.path.splitext(os.path.basename(args.text_file))[0] + "_tokens"
         prefix = training.tokenise_to_indexed(args.text_file, tokenizer, os.path.join(cache, name))
         kind = "indexed"
     else:
-        tokenizer = training.VocabTokenizer(vocab_size)
         prefix, kind = args.data_path, "indexed" if args.data_path else "mock"
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(
@@ -148,7 +153,8 @@ def memory_gb() -> float:
 def main(argv: list[str] | None = None) -> list[dict]:
     """Train; returns the metrics of every step this run made (the same on every rank)."""
     args = parse_args(argv)
-    layout = megatron_v4.initialize(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=args.sp, seed=args.seed)
+    sp = args.sp or args.tp > 1
+    layout = megatron_v4.initialize(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=sp, seed=args.seed)
     try:
         return _train(args, layout)
     finally:
