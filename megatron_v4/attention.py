@@ -45,6 +45,13 @@ sequence-parallel gradient all-reduce); the gather's backward keeps this rank's
 slice of the (already complete) input gradient. `linear_proj` is the row-parallel
 exit: it reduce-scatters the output back to this rank's slice of the sequence.
 Context parallelism is not supported.
+
+Decoding: with an `inference_context` (`megatron_v4.decode_state.DSv4InferenceContext`)
+the first forward of a sequence is the ordinary computation above and also keeps the
+layer's decode state (window ring, compressed entries, unfinished compressor windows,
+indexer keys); later forwards run only the new tokens against that state, one token at
+a time: per token ~4*H*c*(W + k) FLOPs for CSA (plus the indexer's ~2*n_I*c_I*n over
+the n entries so far), ~4*H*c*(W + n) for HCA, ~4*H*c*W for sliding layers.
 """
 
 from __future__ import annotations
@@ -71,6 +78,7 @@ from megatron.core.transformer.utils import (
 
 from megatron_v4.compressor import DSv4Compressor, DSv4CompressorSubmodules, build_replicated_linear
 from megatron_v4.config import CSA, SLIDING, DeepSeekV4TransformerConfig
+from megatron_v4.decode_state import AttentionDecodeState
 from megatron_v4.indexer import DSv4Indexer, DSv4IndexerSubmodules
 from megatron_v4.rope import DSv4RotaryEmbedding, apply_rotary
 
@@ -130,6 +138,7 @@ class DSv4HybridSelfAttention(MegatronModule):
     visibility; compressed entries always sit at positions w * compress_ratio, i.e. the
     sequence is assumed to start at position 0 (training and prefill).
     `compress_ratio` overrides the config's per-layer ratio (MTP layers pass 0).
+    `inference_context` switches on incremental decoding (see the module docstring).
     """
 
     def __init__(
@@ -254,12 +263,21 @@ class DSv4HybridSelfAttention(MegatronModule):
             )
         return config.compress_ratios[layer_number - 1]
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
-        for unsupported in ("inference_context", "inference_params", "packed_seq_params"):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, inference_context=None, **kwargs):
+        """With `inference_context` (a `DSv4InferenceContext`): the first forward of a sequence
+        (from position 0) fills this layer's decode state, later ones extend it token by token."""
+        for unsupported in ("inference_params", "packed_seq_params"):
             if kwargs.get(unsupported) is not None:
                 raise NotImplementedError(
                     f"DSv4HybridSelfAttention does not support {unsupported} yet; pass None"
                 )
+        if inference_context is not None and self.config.sequence_parallel:
+            raise NotImplementedError(
+                "decoding with an inference_context needs sequence_parallel=False (one new token "
+                "cannot be split over the tensor-parallel ranks); build the model without it"
+            )
+        if inference_context is not None and inference_context.attention_state(self) is not None:
+            return self._decode(hidden_states, position_ids, inference_context.attention_state(self))
         if self.config.sequence_parallel:
             hidden_states = gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False, group=self.tp_group
@@ -276,16 +294,93 @@ class DSv4HybridSelfAttention(MegatronModule):
         key_value = apply_rotary(self.kv_layernorm(self.linear_kv(hidden_states)[0]), cos, sin)
         key_value = copy_to_tensor_model_parallel_region(key_value, group=self.tp_group)
 
-        entries = picks = None
+        entries = picks = index_keys = None
         if self.compressor is not None:
             entries = copy_to_tensor_model_parallel_region(self.compressor(hidden_states), group=self.tp_group)
         if self.indexer is not None:
-            picks = self.indexer(hidden_states, q_compressed, positions)
+            index_keys = self.indexer.compressor(hidden_states)
+            picks = self.indexer(hidden_states, q_compressed, positions, index_keys)
+        if inference_context is not None:
+            self._start_decode(inference_context, hidden_states, positions, key_value, entries, index_keys)
 
         output = self._attend(query, key_value, entries, picks, positions)
+        return self._project_output(output, head_cos, head_sin)
+
+    def _project_output(self, output, head_cos, head_sin):
+        """Inverse RoPE, then the grouped output projection; [s, b, H_local, c] -> (out [s, b, D], bias)."""
+        seq_len, batch = output.shape[:2]
         output = apply_rotary(output, head_cos, head_sin, inverse=True)
         output = self.linear_o_down_proj(output.reshape(seq_len, batch, self.linear_o_down_proj.local_groups, -1))[0]
         return self.linear_proj(output)
+
+    def _start_decode(self, context, hidden_states, positions, key_value, entries, index_keys) -> None:
+        """Prefill: keep what later tokens need (spec section 3, "Decode state")."""
+        seq_len, batch, _ = hidden_states.shape
+        if positions[0, 0].item() != 0:
+            raise ValueError(
+                "the first forward of a sequence with an inference_context must start at position 0; "
+                "reset() the context or pass position_ids from 0"
+            )
+        max_length = context.max_sequence_length
+        state = AttentionDecodeState(
+            window_kv=key_value.new_zeros(self.window, batch, self.head_dim),
+            compressor=None if self.compressor is None else self.compressor.start_decode(
+                hidden_states, entries, max_length
+            ),
+            indexer_compressor=None if self.indexer is None else self.indexer.compressor.start_decode(
+                hidden_states, index_keys, max_length
+            ),
+            length=seq_len,
+        )
+        for position in range(max(seq_len - self.window, 0), seq_len):
+            state.push_kv(key_value[position].detach(), position)
+        context.set_attention_state(self, state)
+
+    @torch.no_grad()
+    def _decode(self, hidden_states, position_ids, state: AttentionDecodeState):
+        """The next tokens [s, b, D] of sequences whose earlier tokens are in `state`.
+
+        The projections run on all s tokens at once; the stateful part (window ring, compressors,
+        indexer, softmax) goes token by token, each token seeing the state its predecessors left.
+        """
+        seq_len, batch, _ = hidden_states.shape
+        positions = self._positions(position_ids, seq_len, batch, hidden_states.device)
+        if positions[0, 0].item() != state.length:
+            raise ValueError(
+                f"decode position {positions[0, 0].item()} does not follow the {state.length} tokens "
+                "in the decode state; pass the inference_context's sequence_len_offset as the position"
+            )
+        cos, sin = self.rotary(positions)
+        head_cos, head_sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        q_compressed = self.q_layernorm(self.linear_q_down_proj(hidden_states)[0])
+        query = self.linear_q_up_proj(q_compressed)[0].view(seq_len, batch, self.local_heads, self.head_dim)
+        query = apply_rotary(per_head_rms_normalize(query, self.config.layernorm_epsilon), head_cos, head_sin)
+        key_value = apply_rotary(self.kv_layernorm(self.linear_kv(hidden_states)[0]), cos, sin)
+
+        outputs = []
+        for i in range(seq_len):
+            position = state.length
+            state.push_kv(key_value[i], position)
+            state.length += 1
+            keys = [state.window_keys]
+            if self.compressor is not None:
+                self.compressor.decode_step(hidden_states[i], position, state.compressor)
+                entries = state.compressor.emitted
+                if self.indexer is not None:
+                    picks = self.indexer.decode_step(
+                        hidden_states[i], q_compressed[i], position, state.indexer_compressor
+                    )
+                    entries = entries.transpose(0, 1)[torch.arange(batch).unsqueeze(1), picks].transpose(0, 1)
+                keys.append(entries)
+            outputs.append(self._attend_cached(query[i], torch.cat(keys, dim=0)))
+        return self._project_output(torch.stack(outputs), head_cos, head_sin)
+
+    def _attend_cached(self, query, keys):
+        """query [b, H_local, c] against keys [n, b, c] (window + compressed entries) plus the sink."""
+        scores = torch.einsum("bhc,nbc->bhn", query, keys).float() * self.scale
+        sink = self.attn_sink.view(1, -1, 1).expand(*scores.shape[:2], 1)
+        probabilities = torch.cat((scores, sink), dim=-1).softmax(dim=-1)[..., :-1].to(query.dtype)
+        return torch.einsum("bhn,nbc->bhc", probabilities, keys)
 
     @staticmethod
     def _positions(position_ids, seq_len: int, batch: int, device) -> torch.Tensor:

@@ -36,6 +36,7 @@ from megatron.core.transformer.utils import (
 )
 
 from megatron_v4.config import CSA, HCA, DeepSeekV4TransformerConfig
+from megatron_v4.decode_state import CompressorDecodeState
 from megatron_v4.rope import DSv4RotaryEmbedding, apply_rotary
 
 
@@ -147,6 +148,66 @@ class DSv4Compressor(MegatronModule):
         positions = torch.arange(num_entries, device=hidden_states.device) * self.compress_ratio
         cos, sin = self.rotary(positions)
         return apply_rotary(entries, cos.unsqueeze(1), sin.unsqueeze(1))
+
+    def start_decode(
+        self, hidden_states: torch.Tensor, entries: torch.Tensor, max_sequence_length: int
+    ) -> CompressorDecodeState:
+        """The decode state after a prefill of `hidden_states` [s, b, D] that produced `entries`.
+
+        Only the unfinished window (and, for CSA, the last complete one) is recomputed:
+        at most 2m tokens.
+        """
+        seq_len, batch, _ = hidden_states.shape
+        m, width = self.compress_ratio, self.head_dim
+        pooled_width = self.ape.shape[-1]
+        state = CompressorDecodeState(
+            values=hidden_states.new_zeros(m, batch, pooled_width, dtype=torch.float32),
+            gates=hidden_states.new_zeros(m, batch, pooled_width, dtype=torch.float32),
+            previous_values=None,
+            previous_gates=None,
+            entries=hidden_states.new_empty(max_sequence_length // m, batch, width),
+        )
+        for entry in entries:
+            state.append_entry(entry)
+        complete = entries.shape[0] * m
+        if self.overlapping:
+            state.previous_values = hidden_states.new_zeros(m, batch, width, dtype=torch.float32)
+            state.previous_gates = torch.full_like(state.previous_values, float("-inf"))
+            if complete:
+                values, gates = self._slot_terms(hidden_states[complete - m : complete], 0)
+                state.previous_values.copy_(values[..., :width])
+                state.previous_gates.copy_(gates[..., :width])
+        if complete < seq_len:
+            values, gates = self._slot_terms(hidden_states[complete:], 0)
+            state.values[: seq_len - complete] = values
+            state.gates[: seq_len - complete] = gates
+        return state
+
+    def decode_step(self, hidden_state: torch.Tensor, position: int, state: CompressorDecodeState) -> None:
+        """Add the token at `position` (hidden_state [b, D]); emit an entry when its window completes."""
+        m, width = self.compress_ratio, self.head_dim
+        slot = position % m
+        values, gates = self._slot_terms(hidden_state.unsqueeze(0), slot)
+        state.values[slot], state.gates[slot] = values[0], gates[0]
+        if slot != m - 1:
+            return
+        values, gates = state.values, state.gates
+        if self.overlapping:
+            values = torch.cat((state.previous_values, values[..., width:]), dim=0)
+            gates = torch.cat((state.previous_gates, gates[..., width:]), dim=0)
+            state.previous_values = state.values[..., :width].clone()
+            state.previous_gates = state.gates[..., :width].clone()
+        pooled = (values * gates.softmax(dim=0)).sum(dim=0)
+        entry = self.norm(pooled.to(hidden_state.dtype))
+        cos, sin = self.rotary(torch.tensor(position + 1 - m, device=hidden_state.device))
+        state.append_entry(apply_rotary(entry, cos, sin))
+
+    def _slot_terms(self, hidden_states: torch.Tensor, first_slot: int):
+        """float32 (a, z + ape) of consecutive tokens starting at window slot `first_slot`."""
+        slots = slice(first_slot, first_slot + hidden_states.shape[0])
+        values = self.linear_kv(hidden_states)[0].float()
+        gates = self.linear_gate(hidden_states)[0].float() + self.ape[slots].unsqueeze(1)
+        return values, gates
 
     def _overlapping_slots(self, values: torch.Tensor, gates: torch.Tensor):
         """CSA: entry w pools window w-1's A halves and window w's B halves (2m slots)."""

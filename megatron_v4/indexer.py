@@ -27,6 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_v4.config import CSA, DeepSeekV4TransformerConfig
+from megatron_v4.decode_state import CompressorDecodeState
 from megatron_v4.rope import DSv4RotaryEmbedding, apply_rotary
 
 # Queries scored at once: bounds the transient [block, batch, heads, entries] score tensor.
@@ -94,29 +95,69 @@ class DSv4Indexer(MegatronModule):
 
     @torch.no_grad()
     def forward(
-        self, hidden_states: torch.Tensor, q_compressed: torch.Tensor, positions: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        q_compressed: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`keys`: the indexer compressor's output on `hidden_states`, if the caller already has it."""
         seq_len, batch, _ = hidden_states.shape
-        keys = self.compressor(hidden_states).float()  # [entries, b, index_head_dim]
+        if keys is None:
+            keys = self.compressor(hidden_states)
+        keys = keys.float()  # [entries, b, index_head_dim]
         num_entries = keys.shape[0]
         if num_entries == 0:
             return torch.empty(seq_len, batch, 0, dtype=torch.long, device=hidden_states.device)
-        queries = self.linear_q_up_proj(q_compressed)[0].view(seq_len, batch, self.local_heads, self.head_dim)
-        cos, sin = self.rotary(positions)
-        queries = apply_rotary(queries, cos.unsqueeze(2), sin.unsqueeze(2)).float()
-        head_weights = self.linear_weights_proj(hidden_states)[0].float() * self.weight_scale
+        queries, head_weights = self._query_terms(hidden_states, q_compressed, positions)
         visible_entries = (positions + 1) // CSA  # [s, b]: entries w < this are complete
         entry_ids = torch.arange(num_entries, device=hidden_states.device)
         topk = min(self.topk, num_entries)
         picks = []
         for start in range(0, seq_len, QUERY_BLOCK):
             block = slice(start, start + QUERY_BLOCK)
-            per_head = torch.einsum("qbhd,nbd->qbhn", queries[block], keys).relu()
-            scores = torch.einsum("qbhn,qbh->qbn", per_head, head_weights[block])
-            if self.tp_group.size() > 1:
-                dist.all_reduce(scores, group=self.tp_group)
+            scores = self._scores(queries[block], head_weights[block], keys)
             hidden = entry_ids >= visible_entries[block].unsqueeze(-1)
             scores = scores.masked_fill(hidden, float("-inf"))
             chosen = scores.topk(topk, dim=-1).indices
             picks.append(chosen.masked_fill(chosen >= visible_entries[block].unsqueeze(-1), -1))
         return torch.cat(picks, dim=0)
+
+    @torch.no_grad()
+    def decode_step(
+        self,
+        hidden_state: torch.Tensor,
+        q_compressed: torch.Tensor,
+        position: int,
+        state: CompressorDecodeState,
+    ) -> torch.Tensor:
+        """Picks [b, k] for the token at `position` (hidden_state [b, D], q_compressed [b, q_lora_rank]).
+
+        Extends the indexer compressor's `state` by the token first; every stored key is then
+        complete, hence visible, so no mask is needed.
+        """
+        self.compressor.decode_step(hidden_state, position, state)
+        keys = state.emitted.float()
+        if keys.shape[0] == 0:
+            return torch.empty(hidden_state.shape[0], 0, dtype=torch.long, device=hidden_state.device)
+        positions = torch.full((1, hidden_state.shape[0]), position, device=hidden_state.device)
+        queries, head_weights = self._query_terms(hidden_state.unsqueeze(0), q_compressed.unsqueeze(0), positions)
+        scores = self._scores(queries, head_weights, keys)[0]
+        return scores.topk(min(self.topk, keys.shape[0]), dim=-1).indices
+
+    def _query_terms(self, hidden_states, q_compressed, positions):
+        """Rotated float32 queries [s, b, local heads, index_head_dim] and head weights [s, b, local heads]."""
+        seq_len, batch, _ = hidden_states.shape
+        queries = self.linear_q_up_proj(q_compressed)[0].view(seq_len, batch, self.local_heads, self.head_dim)
+        cos, sin = self.rotary(positions)
+        queries = apply_rotary(queries, cos.unsqueeze(2), sin.unsqueeze(2)).float()
+        head_weights = self.linear_weights_proj(hidden_states)[0].float() * self.weight_scale
+        return queries, head_weights
+
+    def _scores(self, queries, head_weights, keys):
+        """score [q, b, entries] = sum over all heads (all ranks) of w * ReLU(q . k)."""
+        per_head = torch.einsum("qbhd,nbd->qbhn", queries, keys).relu()
+        scores = torch.einsum("qbhn,qbh->qbn", per_head, head_weights)
+        if self.tp_group.size() > 1:
+            dist.all_reduce(scores, group=self.tp_group)
+        return scores

@@ -94,14 +94,19 @@ class DeepSeekV4TransformerLayer(MegatronModule):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
+        inference_context=None,
     ) -> torch.Tensor:
         """hidden_states: streams [seq, batch, n, hidden] -> streams of the same shape.
 
-        position_ids [batch, seq] (full sequence), token_ids [seq, batch] (this rank's tokens).
+        position_ids [batch, seq] (full sequence), token_ids [seq, batch] (this rank's tokens),
+        inference_context: a `DSv4InferenceContext` when decoding (see `megatron_v4.decode_state`).
         """
         x, post, comb = self.hc_attn(hidden_states)
         attention_output, _ = self.self_attention(
-            self.input_layernorm(x), attention_mask=attention_mask, position_ids=position_ids
+            self.input_layernorm(x),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inference_context=inference_context,
         )
         hidden_states = HyperConnection.expand(attention_output, hidden_states, post, comb)
 
@@ -184,9 +189,9 @@ class DeepSeekV4TransformerBlock(MegatronModule):
             token_ids = token_ids.chunk(tp_size, dim=0)[get_pg_rank(self.tp_group)]
         return token_ids.contiguous()
 
-    def _run_layers(self, streams, attention_mask, position_ids, token_ids, *, first, last):
+    def _run_layers(self, streams, attention_mask, position_ids, token_ids, *, first, last, inference_context=None):
         for layer in self.layers[first:last]:
-            streams = layer(streams, attention_mask, position_ids, token_ids)
+            streams = layer(streams, attention_mask, position_ids, token_ids, inference_context=inference_context)
         return streams
 
     def _layer_spans(self) -> list[tuple[int, int, bool]]:
@@ -207,6 +212,7 @@ class DeepSeekV4TransformerBlock(MegatronModule):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
+        inference_context=None,
     ) -> torch.Tensor:
         """Embeddings [seq, batch, hidden] (first stage; else the received streams) -> streams.
 
@@ -222,7 +228,9 @@ class DeepSeekV4TransformerBlock(MegatronModule):
             streams = self.input_tensor
         token_ids = self.local_token_ids(token_ids)
         for first, last, recompute in self._layer_spans():
-            run = functools.partial(self._run_layers, first=first, last=last)
+            run = functools.partial(
+                self._run_layers, first=first, last=last, inference_context=inference_context
+            )
             args = (streams, attention_mask, position_ids, token_ids)
             streams = tensor_parallel.checkpoint(run, False, *args) if recompute else run(*args)
         return streams

@@ -137,20 +137,29 @@ class DeepSeekV4Model(LanguageModule):
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
         decoder_input: torch.Tensor | None = None,
+        inference_context=None,
     ) -> torch.Tensor:
         """input_ids [batch, seq] -> logits [batch, seq, vocab], or per-token loss [batch, seq] with labels.
 
         position_ids default to 0..seq-1. `loss_mask` [batch, seq] masks the MTP loss; the
         returned main loss is unmasked (the caller's loss function masks it, as with GPTModel).
         `decoder_input` replaces the embedding on the first stage.
+        `inference_context` (a `megatron_v4.decode_state.DSv4InferenceContext`) makes the attention
+        layers keep / use their decode state; positions then default to start at its
+        `sequence_len_offset`.
         """
         if position_ids is None:
             seq = input_ids.shape[1]
-            position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand_as(input_ids)
+            start = inference_context.sequence_len_offset if inference_context is not None else 0
+            position_ids = torch.arange(start, start + seq, device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
         streams = self.decoder(
-            decoder_input, attention_mask=attention_mask, position_ids=position_ids, token_ids=input_ids
+            decoder_input,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            token_ids=input_ids,
+            inference_context=inference_context,
         )
         if not self.post_process:
             return streams.flatten(1, 2)

@@ -1,0 +1,132 @@
+"""Generation with the decode cache against transformers (float32, CPU).
+
+The checkpoint is bridge.tiny's random model (window 8, layers with ratios 0, 4,
+128, 4, 16 indexer heads so that indexer top-k ties do not happen) written in the
+official naming with MTP tensors; the reference is transformers'
+DeepseekV4ForCausalLM loaded from the same files. Prompt lengths are chosen so
+that prefill and decode cross the window (8), the CSA windows (4) and the HCA
+window (128): 6 (prefill shorter than the window), 125 (decode emits the first
+HCA entry), 131 (prefill already holds an HCA entry and an unfinished CSA window).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import DeepseekV4ForCausalLM
+
+import megatron_v4
+from bridge import AutoBridge, make_tiny_checkpoint
+from generate_ranks import generate_at_layouts, load_generate_example
+from megatron_v4.generation import SamplingParams, generate, sample_next
+from megatron_v4.testing import run_on_ranks
+
+pytestmark = pytest.mark.timeout(300)
+NEW_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", flavour="official", seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return DeepseekV4ForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32).eval()
+
+
+def prompt_ids(length: int, vocab: int = 128, batch: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(length))
+
+
+def transformers_greedy(reference, prompt: torch.Tensor, new_tokens: int = NEW_TOKENS) -> list[int]:
+    # An explicit mask: without one, generate() would take prompt tokens equal to pad_token_id for padding.
+    out = reference.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return out[0, prompt.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("length", [6, 131])
+def test_cli_greedy_tokens_and_prefill_logits_match_transformers(checkpoint, reference, tmp_path, length):
+    prompt = prompt_ids(length)
+    json_file, logits_file = tmp_path / "out.json", tmp_path / "logits.pt"
+    torch.set_num_threads(1)
+    load_generate_example().main([
+        "--hf", str(checkpoint), "--prompt-ids", ",".join(map(str, prompt[0].tolist())),
+        "--max-new-tokens", str(NEW_TOKENS), "--greedy", "--ignore-eos",
+        "--json", str(json_file), "--save-logits", str(logits_file),
+    ])
+    written = json.loads(json_file.read_text())
+    assert written == {"tokens": transformers_greedy(reference, prompt), "text": None}
+
+    with torch.no_grad():
+        expected = reference(prompt).logits[0]
+    logits = torch.load(logits_file)
+    assert logits.shape == (length, 128) and logits.dtype == torch.float32
+    diff = (logits - expected).abs().max().item()
+    print(f"prompt {length}: prefill logits max |diff| vs transformers {diff:.2e}")
+    assert diff <= 1e-4
+
+
+@pytest.fixture
+def model(checkpoint):
+    megatron_v4.initialize()
+    yield AutoBridge.from_hf_pretrained(str(checkpoint)).to_megatron_model(dtype=torch.float32)[0].eval()
+    megatron_v4.destroy()
+
+
+def test_decode_cache_logits_equal_full_rerun_each_step(model, reference):
+    torch.set_num_threads(1)
+    prompt = prompt_ids(125, batch=2)
+    cached = generate(model, prompt, NEW_TOKENS, use_cache=True, keep_step_logits=True)
+    rerun = generate(model, prompt, NEW_TOKENS, use_cache=False, keep_step_logits=True)
+    assert torch.equal(cached.tokens, rerun.tokens)
+    diffs = [(a - b).abs().max().item() for a, b in zip(cached.step_logits, rerun.step_logits)]
+    print(f"cache vs full re-run, worst step logits |diff| {max(diffs):.2e}")
+    assert len(diffs) == NEW_TOKENS and max(diffs) <= 1e-4
+    # Both equal transformers' own logits of the generated sequence, step by step.
+    with torch.no_grad():
+        expected = reference(torch.cat((prompt, cached.tokens[:, :-1]), dim=1)).logits[:, prompt.shape[1] - 1:]
+    assert (torch.stack(cached.step_logits, dim=1) - expected).abs().max().item() <= 1e-4
+
+    sampling = SamplingParams(greedy=False, temperature=0.8, top_k=20, top_p=0.9, seed=3)
+    sampled = generate(model, prompt, 12, sampling, use_cache=True)
+    assert torch.equal(sampled.tokens, generate(model, prompt, 12, sampling, use_cache=False).tokens)
+    assert not torch.equal(sampled.tokens, cached.tokens[:, :12])
+
+
+def test_parallel_layouts_match_transformers(checkpoint, reference):
+    prompt = prompt_ids(125)
+    layouts = [["--tp", "2"], ["--ep", "2"], ["--pp", "2"]]
+    per_rank = run_on_ranks(generate_at_layouts, 2, str(checkpoint), prompt[0].tolist(), NEW_TOKENS, layouts,
+                            timeout=280)
+    expected = transformers_greedy(reference, prompt)
+    for rank, results in enumerate(per_rank):
+        for layout, tokens in zip(layouts, results):
+            assert tokens == expected, f"rank {rank} at {' '.join(layout)}"
+
+
+def test_sampling_keeps_only_top_k_and_top_p_tokens():
+    probabilities = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probabilities.log()
+    generator = torch.Generator().manual_seed(0)
+
+    def draws(**params) -> set[int]:
+        sampling = SamplingParams(greedy=False, **params)
+        return {sample_next(logits, sampling, generator).item() for _ in range(300)}
+
+    assert sample_next(logits, SamplingParams(greedy=True), generator).item() == 1
+    assert draws(top_k=2) == {1, 3}
+    # Sorted: 0.5, 0.3, 0.15, 0.05; the first two reach 0.75, so the rest are dropped.
+    assert draws(top_p=0.75) == {1, 3}
+    assert draws(top_p=0.81) == {1, 3, 2}
+    assert draws() == {0, 1, 2, 3}
+    assert draws(top_k=1) == {1}
