@@ -126,13 +126,15 @@ def _peak_rss() -> int:
 
 def _child(argv: list[str]) -> None:
     """Run one CLI command in this process; print its wall time and peak RSS as JSON."""
+    begin = time.perf_counter()
+    import bridge.convert  # noqa: F401  (library start-up: torch, Megatron-Core, transformers)
     from bridge.cli import main
 
     start = time.perf_counter()
     code = main(argv + ["--quiet"])
     seconds = time.perf_counter() - start
     peak_rss = _peak_rss()
-    print(json.dumps({"code": code, "seconds": seconds, "peak_rss": peak_rss}))
+    print(json.dumps({"code": code, "seconds": seconds, "startup": start - begin, "peak_rss": peak_rss}))
 
 
 def _run_child(argv: list[str]) -> dict:
@@ -197,7 +199,7 @@ def main() -> int:
             print(f"{label:13s}: {source_gb:.2f} GB source -> {written:.2f} GB written in {result['seconds']:.1f} s"
                   f" = {source_gb / result['seconds']:.2f} GB/s of source, {written / result['seconds']:.2f} GB/s "
                   f"written; {result['seconds'] / cp_seconds:.1f}x cp's time; peak RSS "
-                  f"{result['peak_rss'] / GB:.2f} GB")
+                  f"{result['peak_rss'] / GB:.2f} GB (+{result['startup']:.1f} s library start-up)")
         print(f"largest tensor (bf16): {largest:.2f} GB; round trip bit-identical: {identical}")
         return 0 if identical else 1
     finally:
