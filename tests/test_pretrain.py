@@ -7,7 +7,7 @@ with the bridge, which each layout loads resharded (`--load`). Checked:
 - the aux-loss-free expert biases move by whole multiples of the update rate (finalize_model_grads);
 - a run stopped at step 10 and resumed from its checkpoint gives the uninterrupted run's remaining
   losses, MTP losses, gradient norms and learning rates exactly (model, Adam state, LR schedule, expert
-  biases, data position); the same in bf16 (fp32 main parameters);
+  biases, data position); the same in bf16 and at EP=2 (optimizer state sharded over 2 DP ranks);
 - loss decreases on a small repetitive corpus: JSONL with the byte tokenizer, text with a Hugging Face
   tokenizer made here with the `tokenizers` library.
 """
@@ -135,13 +135,21 @@ def test_resume_reproduces_the_remaining_steps(converted, one_rank):
         assert [m[key] for m in resumed] == [m[key] for m in expected], key
 
 
-def test_resume_in_bf16(tmp_path):
-    """bf16 model (Float16Module) with fp32 main parameters in the distributed optimizer, as on GPU:
-    6 steps straight, and 3 + 3 through a checkpoint, from random initialisation and mock data."""
-    args = ["--dtype", "bf16", "--train-iters", "6", "--warmup-iters", "1", "--seq-length", "32"]
-    straight = launch(1, args)
-    launch(1, args + ["--save", str(tmp_path), "--exit-after", "3"])
-    resumed = launch(1, args + ["--load", str(tmp_path)])
+@pytest.mark.parametrize(
+    "world, layout",
+    [
+        # bf16 model (Float16Module), fp32 main parameters in the distributed optimizer, as on GPU
+        pytest.param(1, ["--dtype", "bf16"], id="bf16"),
+        # optimizer state sharded over 2 data-parallel ranks, experts over 2 expert-parallel ranks
+        pytest.param(2, ["--ep", "2"], id="ep2"),
+    ],
+)
+def test_resume_from_random_init(tmp_path, world, layout):
+    """6 steps straight, and 3 + 3 through a checkpoint, from random initialisation and mock data."""
+    args = layout + ["--train-iters", "6", "--warmup-iters", "1", "--seq-length", "32"]
+    straight = launch(world, args)
+    launch(world, args + ["--save", str(tmp_path), "--exit-after", "3"])
+    resumed = launch(world, args + ["--load", str(tmp_path)])
     assert resumed == straight[3:]
     assert straight[-1]["loss"] < straight[0]["loss"]
 
