@@ -103,7 +103,8 @@ def architecture(args):
 
 
 def model_config(args, arch, layout):
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")]
+    name = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
     mtp = args.mtp_layers
     if mtp is None and args.load and not training.latest_checkpoint(args.load):
         mtp = training.checkpoint_mtp_layers(args.load)

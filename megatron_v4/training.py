@@ -39,6 +39,9 @@ CONFIG_DIR = "dsv4_bridge"
 """Where a checkpoint keeps the official-flavour `config.json` of its architecture (as `bridge import` does)."""
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 OPTIMIZER_SHARDING = "dp_reshardable"
+"""How the distributed optimizer's state is saved: resumable at another data-parallel size, not at other
+TP/PP/EP sizes (the model weights load at any layout). Megatron-Core's "fully_reshardable" format fails to
+load torch.optim.Adam's per-parameter step (needs apex or Transformer Engine's FusedAdam)."""
 
 
 # --- model ---------------------------------------------------------------------------------------------
@@ -258,7 +261,10 @@ class DataOrder:
         for m in range(self.num_microbatches):
             start = first + (m * self.dp_size + self.dp_rank) * self.micro_batch_size
             samples = [dataset[i] for i in range(start, start + self.micro_batch_size)]
-            yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in ("tokens", "labels", "loss_mask")}
+            yield {
+                key: torch.stack([torch.as_tensor(sample[key]) for sample in samples])
+                for key in ("tokens", "labels", "loss_mask")
+            }
 
 
 # --- one step ------------------------------------------------------------------------------------------

@@ -192,7 +192,8 @@ def test_loss_decreases_on_text_with_hf_tokenizer(tmp_path):
     corpus.write_text("\n\n".join(CORPUS[i % 3] for i in range(90)))
     history = launch(
         1,
-        COMMON + ["--text-file", str(corpus), "--tokenizer", str(tmp_path / "tokenizer"), "--data-cache", str(tmp_path)],
+        COMMON
+        + ["--text-file", str(corpus), "--tokenizer", str(tmp_path / "tokenizer"), "--data-cache", str(tmp_path)],
     )
     first, last = _learns(history)
     print(f"word-level HF tokenizer: loss {first:.3f} -> {last:.3f}")
