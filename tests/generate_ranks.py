@@ -18,11 +18,11 @@ def load_generate_example():
     return module
 
 
-def generate_at_layouts(hf_dir: str, prompt: list[int], new_tokens: int, layouts: list[list[str]]) -> list[list[int]]:
-    """The greedy new tokens of `generate.py --hf hf_dir` at each layout (extra CLI flags)."""
+def generate_at_layouts(prompt: list[int], new_tokens: int, runs: list[list[str]]) -> list[list[int]]:
+    """The greedy new tokens of `generate.py` for each run's flags (checkpoint and layout)."""
     # The rank holds the process group itself, so each main() only sets up and tears down its layout.
     dist.init_process_group("gloo")
     example = load_generate_example()
     ids = ",".join(map(str, prompt))
-    common = ["--hf", hf_dir, "--prompt-ids", ids, "--max-new-tokens", str(new_tokens), "--greedy", "--ignore-eos"]
-    return [example.main(common + layout)["tokens"] for layout in layouts]
+    common = ["--prompt-ids", ids, "--max-new-tokens", str(new_tokens), "--greedy", "--ignore-eos"]
+    return [example.main(common + flags)["tokens"] for flags in runs]

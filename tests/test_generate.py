@@ -19,6 +19,7 @@ from transformers import DeepseekV4ForCausalLM
 
 import megatron_v4
 from bridge import AutoBridge, make_tiny_checkpoint
+from bridge.convert import import_checkpoint
 from generate_ranks import generate_at_layouts, load_generate_example
 from megatron_v4.generation import SamplingParams, generate, sample_next
 from megatron_v4.testing import run_on_ranks
@@ -103,15 +104,17 @@ def test_decode_cache_logits_equal_full_rerun_each_step(model, reference):
     assert not torch.equal(sampled.tokens, cached.tokens[:, :12])
 
 
-def test_parallel_layouts_match_transformers(checkpoint, reference):
+def test_parallel_layouts_match_transformers(checkpoint, reference, tmp_path):
+    mcore = tmp_path / "mcore"
+    import_checkpoint(checkpoint, mcore, torch.float32, progress=False)
     prompt = prompt_ids(125)
-    layouts = [["--tp", "2"], ["--ep", "2"], ["--pp", "2"]]
-    per_rank = run_on_ranks(generate_at_layouts, 2, str(checkpoint), prompt[0].tolist(), NEW_TOKENS, layouts,
-                            timeout=280)
+    hf = ["--hf", str(checkpoint)]
+    runs = [hf + ["--tp", "2"], hf + ["--ep", "2"], hf + ["--pp", "2"], ["--mcore", str(mcore), "--tp", "2", "--ep", "2"]]
+    per_rank = run_on_ranks(generate_at_layouts, 2, prompt[0].tolist(), NEW_TOKENS, runs, timeout=280)
     expected = transformers_greedy(reference, prompt)
     for rank, results in enumerate(per_rank):
-        for layout, tokens in zip(layouts, results):
-            assert tokens == expected, f"rank {rank} at {' '.join(layout)}"
+        for flags, tokens in zip(runs, results):
+            assert tokens == expected, f"rank {rank}: {' '.join(flags)}"
 
 
 def test_sampling_keeps_only_top_k_and_top_p_tokens():
