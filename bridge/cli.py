@@ -5,13 +5,15 @@
     python -m bridge verify --hf DIR --mcore DIR [--sequences 3 --seq-len 48]
 
 Every failure is one line on stderr naming the file, tensor or key, with a non-zero
-exit code; a failed conversion leaves no output directory.
+exit code (BRIDGE_DEBUG=1 shows the traceback); a failed conversion leaves no output
+directory. `verify` exits with 3 when the logits disagree.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
@@ -96,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
         return EXIT_FAILED
-    except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as e:
+    except Exception as e:  # every failure is one line (BRIDGE_DEBUG=1 shows the traceback)
+        if os.environ.get("BRIDGE_DEBUG"):
+            raise
         message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        known = isinstance(e, (OSError, ValueError, KeyError, RuntimeError, NotImplementedError))
+        print(f"error: {'' if known else type(e).__name__ + ': '}{' '.join(message.split())}", file=sys.stderr)
         return EXIT_FAILED

@@ -207,9 +207,9 @@ def import_checkpoint(
                 full = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
                 return full.reshape(sharding[name].data.shape)
 
-            written = [0]
+            written = Progress("written", len(plan), 0, enabled=False)
             write_checkpoint(tmp, sharded, materialise, order=order,
-                             on_written=lambda name, t: written.__setitem__(0, written[0] + t.nbytes))
+                             on_written=lambda name, tensor: written.update(tensor.nbytes))
             scales.close()
             write_official_config(source.config, record_dir)
             record = SourceRecord(
@@ -226,7 +226,7 @@ def import_checkpoint(
     for name in source.names():
         kind = source.tensors[name].format.quant or source.tensors[name].format.dtype
         quantised[kind] = quantised.get(kind, 0) + 1
-    return ImportReport(len(source.names()), total, written[0], bar.seconds, source.naming, quantised)
+    return ImportReport(len(source.names()), total, written.bytes, bar.seconds, source.naming, quantised)
 
 
 def _import_plan(source: HFSource, sharding: dict, mcore: MCoreNaming) -> dict[str, tuple[list[str], torch.dtype]]:

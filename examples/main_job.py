@@ -25,10 +25,8 @@ from pathlib import Path
 
 import torch
 
-from bridge import convert
 from bridge.cli import quiet_libraries
 from bridge.safetensors_io import SafetensorsCheckpoint
-from bridge.tiny import make_tiny_checkpoint
 
 LOGIT_TOLERANCE = 1e-4
 """Largest |logit difference| allowed, relative to the largest |logit| (both models compute in fp32)."""
@@ -60,6 +58,8 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=140, help="verify sequence length (140 spans the HCA ratio)")
     args = parser.parse_args()
     quiet_libraries()
+    from bridge import convert  # after quieting: importing Megatron-Core warns about optional packages
+    from bridge.tiny import make_tiny_checkpoint
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dsv4-main-job-"))
     hf, mcore, exported = work / "tiny-dsv4-hf", work / "tiny-dsv4-mcore", work / "tiny-dsv4-exported"
