@@ -126,10 +126,10 @@ def _prompt_ids(args, tokenizer) -> list[int]:
     if tokenizer is None:
         raise SystemExit("--prompt needs a tokenizer: the checkpoint has none; pass --tokenizer DIR or --prompt-ids")
     if getattr(tokenizer, "chat_template", None) and not args.raw_prompt:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
         )
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        return list(encoded["input_ids"])
     return tokenizer(args.prompt)["input_ids"]
 
 

@@ -77,6 +77,43 @@ def test_cli_greedy_tokens_and_prefill_logits_match_transformers(checkpoint, ref
     assert diff <= 1e-4
 
 
+def word_tokenizer(directory) -> str:
+    """A word-level tokenizer over the tiny vocabulary ("w000" .. "w127") with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i:03d}": i for i in range(128)}, unk_token="w002"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="w000", eos_token="w001", unk_token="w002")
+    tokenizer.chat_template = (
+        "{% for m in messages %}w003 {{ m['content'] }} w004 {% endfor %}{% if add_generation_prompt %}w005{% endif %}"
+    )
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def test_cli_text_prompt_uses_chat_template_and_stops_at_eos(checkpoint, reference, tmp_path):
+    tokenizer_dir = word_tokenizer(tmp_path / "tokenizer")
+    words = " ".join(f"w{i:03d}" for i in prompt_ids(20)[0].tolist())
+    json_file = tmp_path / "out.json"
+    torch.set_num_threads(1)
+    load_generate_example().main([
+        "--hf", str(checkpoint), "--tokenizer", tokenizer_dir, "--prompt", words,
+        "--max-new-tokens", "40", "--greedy", "--json", str(json_file),
+    ])
+    written = json.loads(json_file.read_text())
+
+    # The chat template by hand: w003 <words> w004 w005.
+    prompt = torch.tensor([[3, *prompt_ids(20)[0].tolist(), 4, 5]])
+    expected = reference.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False, eos_token_id=1, pad_token_id=1
+    )[0, prompt.shape[1]:].tolist()
+    assert expected[-1] == 1 and len(expected) < 40, "this prompt is meant to reach the end-of-sequence token"
+    assert written["tokens"] == expected
+    assert written["text"] == " ".join(f"w{i:03d}" for i in expected if i != 1)
+
+
 @pytest.fixture
 def model(checkpoint):
     megatron_v4.initialize()
