@@ -332,8 +332,8 @@ class DSv4HybridSelfAttention(MegatronModule):
             ),
             length=seq_len,
         )
-        for position in range(max(seq_len - self.window, 0), seq_len):
-            state.push_kv(key_value[position].detach(), position)
+        first_kept = max(seq_len - self.window, 0)
+        state.push_kv(key_value[first_kept:].detach(), first_kept)
         context.set_attention_state(self, state)
 
     @torch.no_grad()
@@ -360,7 +360,7 @@ class DSv4HybridSelfAttention(MegatronModule):
         outputs = []
         for i in range(seq_len):
             position = state.length
-            state.push_kv(key_value[i], position)
+            state.push_kv(key_value[i : i + 1], position)
             state.length += 1
             keys = [state.window_keys]
             if self.compressor is not None:
@@ -370,7 +370,8 @@ class DSv4HybridSelfAttention(MegatronModule):
                     picks = self.indexer.decode_step(
                         hidden_states[i], q_compressed[i], position, state.indexer_compressor
                     )
-                    entries = entries.transpose(0, 1)[torch.arange(batch).unsqueeze(1), picks].transpose(0, 1)
+                    batch_ids = torch.arange(batch, device=picks.device).unsqueeze(1)
+                    entries = entries.transpose(0, 1)[batch_ids, picks].transpose(0, 1)
                 keys.append(entries)
             outputs.append(self._attend_cached(query[i], torch.cat(keys, dim=0)))
         return self._project_output(torch.stack(outputs), head_cos, head_sin)

@@ -167,8 +167,7 @@ class DSv4Compressor(MegatronModule):
             previous_gates=None,
             entries=hidden_states.new_empty(max_sequence_length // m, batch, width),
         )
-        for entry in entries:
-            state.append_entry(entry)
+        state.append_entries(entries)
         complete = entries.shape[0] * m
         if self.overlapping:
             state.previous_values = hidden_states.new_zeros(m, batch, width, dtype=torch.float32)
@@ -200,7 +199,7 @@ class DSv4Compressor(MegatronModule):
         pooled = (values * gates.softmax(dim=0)).sum(dim=0)
         entry = self.norm(pooled.to(hidden_state.dtype))
         cos, sin = self.rotary(torch.tensor(position + 1 - m, device=hidden_state.device))
-        state.append_entry(apply_rotary(entry, cos, sin))
+        state.append_entries(apply_rotary(entry, cos, sin).unsqueeze(0))
 
     def _slot_terms(self, hidden_states: torch.Tensor, first_slot: int):
         """float32 (a, z + ape) of consecutive tokens starting at window slot `first_slot`."""

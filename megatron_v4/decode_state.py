@@ -52,15 +52,16 @@ class CompressorDecodeState:
     entries: torch.Tensor
     num_entries: int = 0
 
-    def append_entry(self, entry: torch.Tensor) -> None:
-        """entry: [batch, width]."""
-        if self.num_entries == self.entries.shape[0]:
+    def append_entries(self, entries: torch.Tensor) -> None:
+        """entries: [n, batch, width]."""
+        end = self.num_entries + entries.shape[0]
+        if end > self.entries.shape[0]:
             raise ValueError(
-                f"the decode state holds {self.entries.shape[0]} compressed entries and is full; "
+                f"the decode state has room for {self.entries.shape[0]} compressed entries, {end} are needed; "
                 "create the DSv4InferenceContext with a larger max_sequence_length"
             )
-        self.entries[self.num_entries] = entry
-        self.num_entries += 1
+        self.entries[self.num_entries : end] = entries.detach()
+        self.num_entries = end
 
     @property
     def emitted(self) -> torch.Tensor:
@@ -81,9 +82,11 @@ class AttentionDecodeState:
     indexer_compressor: CompressorDecodeState | None
     length: int = 0
 
-    def push_kv(self, key_value: torch.Tensor, position: int) -> None:
-        """key_value: [batch, head_dim] of the token at `position`."""
-        self.window_kv[position % self.window_kv.shape[0]] = key_value
+    def push_kv(self, key_values: torch.Tensor, first_position: int) -> None:
+        """key_values: [n <= window, batch, head_dim] of the tokens from `first_position` on."""
+        window = self.window_kv.shape[0]
+        slots = torch.arange(first_position, first_position + key_values.shape[0], device=key_values.device)
+        self.window_kv[slots % window] = key_values
 
     @property
     def window_keys(self) -> torch.Tensor:
@@ -97,10 +100,9 @@ class DSv4InferenceContext(StaticInferenceContext):
     `key_value_memory_dict` maps each attention module to its `AttentionDecodeState`
     (keyed by module so that decoder and MTP layers, which share layer numbers, never
     collide). The batch is static: every sequence has the same length, no padding.
+    Built as `DSv4InferenceContext(max_batch_size, max_sequence_length)`; the compressed-entry
+    buffers are sized for `max_sequence_length` tokens.
     """
-
-    def __init__(self, max_batch_size: int, max_sequence_length: int):
-        super().__init__(max_batch_size, max_sequence_length)
 
     def is_static_batching(self) -> bool:
         return True

@@ -172,12 +172,10 @@ def generate(
 
     for step in range(max_new_tokens):
         started = time.perf_counter()
-        if step == 0 or not use_cache:
-            logits = stage.logits(sequence, context)
-        else:
-            logits = stage.logits(sequence[:, -1:], context)
+        new_input = sequence if step == 0 or not use_cache else sequence[:, -1:]
+        logits = stage.logits(new_input, context)
         if context is not None:
-            context.increment_sequence_len_offset(sequence.shape[1] - context.sequence_len_offset)
+            context.increment_sequence_len_offset(new_input.shape[1])
             context.enable_decode_mode()
         next_ids = torch.empty(batch, dtype=torch.long, device=prompt_ids.device)
         last_logits = torch.empty(batch, vocab, dtype=torch.float32, device=prompt_ids.device)
