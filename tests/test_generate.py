@@ -21,6 +21,7 @@ import megatron_v4
 from bridge import AutoBridge, make_tiny_checkpoint
 from bridge.convert import import_checkpoint
 from generate_ranks import generate_at_layouts, load_generate_example
+from megatron_v4.decode_state import DSv4InferenceContext
 from megatron_v4.generation import SamplingParams, generate, sample_next
 from megatron_v4.testing import run_on_ranks
 
@@ -139,6 +140,22 @@ def test_decode_cache_logits_equal_full_rerun_each_step(model, reference):
     sampled = generate(model, prompt, 12, sampling, use_cache=True)
     assert torch.equal(sampled.tokens, generate(model, prompt, 12, sampling, use_cache=False).tokens)
     assert not torch.equal(sampled.tokens, cached.tokens[:, :12])
+
+
+def test_several_tokens_at_once_extend_the_decode_state(model, reference):
+    """Prefill 100 tokens, then feed 33 (crossing the HCA window at 128) and 1 in one forward each."""
+    torch.set_num_threads(1)
+    tokens = prompt_ids(134, batch=2)
+    context = DSv4InferenceContext(max_batch_size=2, max_sequence_length=134)
+    pieces = []
+    with torch.no_grad():
+        for chunk in tokens.split([100, 33, 1], dim=1):
+            pieces.append(model(chunk, inference_context=context))
+            context.increment_sequence_len_offset(chunk.shape[1])
+        expected = reference(tokens).logits
+    diff = (torch.cat(pieces, dim=1) - expected).abs().max().item()
+    print(f"prefill 100 + 33 + 1 tokens vs transformers: logits max |diff| {diff:.2e}")
+    assert diff <= 1e-4
 
 
 def test_parallel_layouts_match_transformers(checkpoint, reference, tmp_path):
