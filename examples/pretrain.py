@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     g.add_argument("--ep", type=int, default=1, help="expert parallel size")
     g.add_argument("--etp", type=int, default=1, help="expert tensor parallel size")
-    g.add_argument("--moe-dispatcher", choices=["allgather", "alltoall"], default="allgather",
+    g.add_argument("--moe-dispatcher", choices=["allgather", "alltoall"], default="alltoall",
                    help="Megatron-Core's MoE token dispatcher")
 
     g = p.add_argument_group("model")

@@ -223,6 +223,21 @@ def _patch_reduce_scatter() -> None:
     dist.reduce_scatter_tensor = reduce_scatter_tensor
 
 
+def _patch_tensor_type_names() -> None:
+    """optimizer/optimizer.py, optimizer/distrib_optimizer.py and optimizer/clip_grads.py
+    accept a parameter or gradient only if `tensor.type()` is a `torch.cuda.*Tensor`
+    name. Report CPU tensors under their CUDA type name (only the no-argument query;
+    conversions `tensor.type(dtype)` are untouched)."""
+    native = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs and self.device.type == "cpu":
+            return native(self).replace("torch.", "torch.cuda.", 1)
+        return native(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+
+
 # ----------------------------------------------------------------------- MoE
 def _patch_alltoall_split_sizes() -> None:
     """transformer/moe/token_dispatcher.py `MoEAlltoAllTokenDispatcher` turns the
@@ -275,6 +290,7 @@ def apply() -> None:
     _patch_rng_tracker()
     _patch_current_device()
     _patch_tensor_cuda()
+    _patch_tensor_type_names()
     _patch_streams()
     _patch_literal_cuda_factories()
     _patch_reduce_scatter()

@@ -53,9 +53,18 @@ class HashRouter(Router):
             )
         super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
         self.topk = config.moe_router_topk
-        self.register_buffer(
-            "tid2eid", torch.zeros(config.vocab_size, self.topk, dtype=torch.int64), persistent=True
-        )
+        self.register_buffer("tid2eid", self._balanced_table(config), persistent=True)
+
+    @staticmethod
+    def _balanced_table(config: DeepSeekV4TransformerConfig) -> torch.Tensor:
+        """The table of a randomly initialised model: token t goes to experts
+        (t + j * (E // k)) mod E for j < k, which are k distinct experts (Megatron-Core's
+        dropless dispatchers count k routed copies per token, so a row must not repeat an
+        expert) and every expert gets the same share of the vocabulary. Checkpoints bring
+        their own table."""
+        experts, k = config.num_moe_experts, config.moe_router_topk
+        token = torch.arange(config.vocab_size, dtype=torch.int64).unsqueeze(1)
+        return (token + torch.arange(k, dtype=torch.int64) * (experts // k)) % experts
 
     def routing(self, logits: torch.Tensor, token_ids: torch.Tensor):
         """logits [tokens, experts], token_ids [tokens] -> (probs, routing_map), both [tokens, experts]."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -51,12 +50,6 @@ _LAYOUT: ParallelLayout | None = None
 _OWNS_PROCESS_GROUP = False
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init_process_group(backend: str, timeout_minutes: int) -> bool:
     """Join (or, in a plain single process, create) the default process group.
 
@@ -64,16 +57,17 @@ def _init_process_group(backend: str, timeout_minutes: int) -> bool:
     """
     if dist.is_initialized():
         return False
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if "RANK" not in os.environ:
-        # A plain `python script.py`: a world of one.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ["RANK"] = "0"
-        os.environ["WORLD_SIZE"] = "1"
-        os.environ.setdefault("LOCAL_RANK", "0")
+        # A plain `python script.py`: a world of one, with an in-process store, so nothing
+        # (no port, no RANK/WORLD_SIZE variables) leaks to subprocesses the script starts.
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
+        return True
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    dist.init_process_group(backend=backend, timeout=timeout)
     return True
 
 

@@ -61,34 +61,10 @@ def transformer_config(arch, dtype: torch.dtype, mtp_num_layers: int | None = No
     return DeepSeekV4TransformerConfig(**kwargs)
 
 
-def _cpu_optimizer_patches() -> None:
-    """What Megatron-Core's optimizers need on a machine without CUDA, beyond `megatron_v4.cpu_compat`
-    (and belonging there): they accept a parameter or gradient only if `tensor.type()` names a CUDA type
-    (optimizer.py, distrib_optimizer.py, clip_grads.py), and the fallback L2 norm of utils.py
-    (`local_multi_tensor_l2_norm`, used without apex) allocates its result with device="cuda"."""
-    if torch.cuda.is_available() or getattr(torch.Tensor.type, "_reports_cuda", False):
-        return
-    import megatron.core.utils as mcore_utils
-
-    from megatron_v4 import cpu_compat
-
-    native = torch.Tensor.type
-
-    def type_(self, dtype=None, non_blocking=False, **kwargs):
-        if dtype is None and not kwargs and self.device.type == "cpu":
-            return native(self).replace("torch.", "torch.cuda.", 1)
-        return native(self, dtype, non_blocking, **kwargs)
-
-    type_._reports_cuda = True
-    torch.Tensor.type = type_
-    mcore_utils.torch = cpu_compat._TorchWithCpuFactories()
-
-
 def build_optimizer(model, config):
     """Megatron-Core's optimizer (distributed if `config.use_distributed_optimizer`) for one model chunk."""
     from megatron.core.optimizer import get_megatron_optimizer
 
-    _cpu_optimizer_patches()
     return get_megatron_optimizer(config, [model])
 
 

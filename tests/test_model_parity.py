@@ -545,7 +545,13 @@ def test_routing_tensors_are_buffers_where_the_checkpoint_expects_them(layout):
         router = f"decoder.layers.{i}.mlp.router."
         if i < tiny.num_hash_layers:
             assert buffers[router + "tid2eid"].dtype == torch.int64
-            assert buffers[router + "tid2eid"].shape == (97, 2)
+            table = buffers[router + "tid2eid"]
+            assert table.shape == (97, 2)
+            # A fresh table routes each token to distinct experts, every expert about equally
+            # often (each of the k columns is a shifted token id mod E).
+            assert (table[:, 0] != table[:, 1]).all()
+            counts = torch.bincount(table.flatten(), minlength=tiny.num_experts)
+            assert counts.max() - counts.min() <= table.shape[1]
             assert router + "expert_bias" not in persistent
         else:
             assert buffers[router + "expert_bias"].dtype == torch.float32

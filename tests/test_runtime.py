@@ -26,6 +26,8 @@ def test_initialize_in_plain_process_and_reinitialize():
     assert not dist.is_initialized()
     megatron_v4.initialize()
     megatron_v4.destroy()
+    # Nothing that would make a subprocess think it is part of a job.
+    assert not {"RANK", "WORLD_SIZE", "MASTER_PORT"} & os.environ.keys()
 
 
 @pytest.mark.parametrize(
