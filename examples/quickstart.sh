@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash examples/setup_env.sh
-exec .venv/bin/python examples/demo.py "$@"
+exec .venv/bin/python examples/main_job.py "$@"

@@ -71,15 +71,15 @@ def test_hanging_ranks_time_out():
         run_on_ranks(pg.sleep_forever, 2, timeout=3)
 
 
-def test_initialize_under_torchrun():
+def test_initialize_under_torchrun(tmp_path):
     probe = os.path.join(os.path.dirname(__file__), "torchrun_probe.py")
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_port", str(_free_port()), probe],
+         "--master_port", str(_free_port()), probe, str(tmp_path)],
         capture_output=True, text=True, timeout=180,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert lines == ["rank 0 tp_rank 0 tp_sum 1 backend gloo", "rank 1 tp_rank 1 tp_sum 1 backend gloo"]
 
 
