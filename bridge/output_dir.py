@@ -2,7 +2,9 @@
 
 Everything is written into a temporary directory beside the target (same file
 system, so the final rename is atomic); a failed or killed conversion leaves no
-target directory. An existing target is refused unless `force` is given.
+target directory. An existing target is refused unless `force` is given. The
+temporary directory carries the writer's process id, so that the next
+conversion to the same target removes what a killed one left behind.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ def atomic_output_dir(target: str | os.PathLike, force: bool = False):
         raise OutputExistsError(f"{target} already exists; choose another output or pass --force to replace it")
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
+    prefix = f".{os.path.basename(target)}.partial-"
+    _remove_abandoned(parent, prefix)
+    temporary = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
     try:
         yield temporary
         _fsync_dir(temporary)
@@ -41,6 +45,24 @@ def atomic_output_dir(target: str | os.PathLike, force: bool = False):
     finally:
         if os.path.exists(temporary):
             shutil.rmtree(temporary)
+
+
+def _remove_abandoned(parent: str, prefix: str) -> None:
+    """Delete `prefix<pid>-*` directories whose writing process no longer exists (killed conversions)."""
+    for name in os.listdir(parent):
+        pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(path: str) -> None:

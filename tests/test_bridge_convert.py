@@ -338,3 +338,8 @@ def test_killed_import_leaves_no_target(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not out.exists()
+    # The next import to the same target cleans up what the killed one left behind.
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")]
+    assert cli(["import", "--hf", str(hf), "--out", str(out), "--quiet"]) == 0
+    assert out.is_dir()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
