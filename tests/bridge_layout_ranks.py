@@ -8,40 +8,26 @@ parameters.
 
 from __future__ import annotations
 
-import re
-
 import torch
-from megatron.core import parallel_state as ps
+import torch.distributed as dist
 
 import megatron_v4
 from bridge import AutoBridge
 from bridge.checkpoint_slices import HFSourceSlices
 from bridge.hf_source import HFSource
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-_EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
+from layout_slicing import global_name, is_gate_up, tp_group
 
 
 def _global_name(name: str, chunk, num_experts: int) -> str:
-    match = _LAYER.match(name)
-    if match:
-        name = f"decoder.layers.{chunk.decoder.layers[int(match.group(1))].layer_number - 1}.{match.group(2)}"
-    match = _EXPERT.match(name)
-    if match:
-        first = ps.get_expert_model_parallel_rank() * num_experts // ps.get_expert_model_parallel_world_size()
-        name = f"{match.group(1)}{int(match.group(2)) + first}{match.group(3)}"
-    return name
+    return global_name(name, lambda i: chunk.decoder.layers[i].layer_number - 1, num_experts)
 
 
 def _slice_description(name: str, tensor: torch.Tensor) -> tuple | None:
     """(dim, rank, size, [w1; w3] halves split separately) or None for a whole tensor."""
     if not getattr(tensor, "tensor_model_parallel", False):
         return None
-    if ".mlp.experts." in name:
-        rank, size = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
-    else:
-        rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    return tensor.partition_dim, rank, size, name.endswith("linear_fc1.weight")
+    group = tp_group(name)
+    return tensor.partition_dim, dist.get_rank(group), dist.get_world_size(group), is_gate_up(name)
 
 
 def _count_checkpoint_reads() -> dict:

@@ -12,8 +12,6 @@ first draws random weights and returns them too.
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
@@ -27,14 +25,12 @@ import megatron_v4
 from megatron_v4.config import DeepSeekV4TransformerConfig
 from megatron_v4.model import DeepSeekV4Model
 from megatron_v4.specs import get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
+from layout_slicing import dsv4_global_name, shard, unshard
 
 VOCAB, SEQ, GLOBAL_BATCH, STEPS = 64, 132, 4, 3
 COMPRESS_RATIOS = [4, 128, 0, 4]  # CSA, HCA, sliding, CSA
 NUM_HASH_LAYERS = 3  # layer 2 is hash-routed and sits on the second stage at pp=2
 NUM_EXPERTS = 4
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-_EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
 
 
 def tiny_config(layout: megatron_v4.ParallelLayout, **overrides) -> DeepSeekV4TransformerConfig:
@@ -92,61 +88,20 @@ def build_chunks(config: DeepSeekV4TransformerConfig) -> list[DeepSeekV4Model]:
     ]
 
 
-def _global_name(name: str, chunk: DeepSeekV4Model) -> str:
-    match = _LAYER.match(name)
-    if match:
-        name = f"decoder.layers.{int(match.group(1)) + chunk.decoder.layer_offset}.{match.group(2)}"
-    match = _EXPERT.match(name)
-    if match:
-        local = chunk.config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
-        first = parallel_state.get_expert_model_parallel_rank() * local
-        name = f"{match.group(1)}{int(match.group(2)) + first}{match.group(3)}"
-    return name
-
-
-def _split_group(name: str):
-    if ".mlp.experts." in name:
-        return parallel_state.get_expert_tensor_parallel_group()
-    return parallel_state.get_tensor_model_parallel_group()
-
-
-def _slice(name: str, tensor: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a full tensor, by the partition attributes Megatron-Core sets."""
-    if not getattr(tensor, "tensor_model_parallel", False):
-        return full
-    group = _split_group(name)
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if name.endswith("linear_fc1.weight"):  # [gate; up]: each rank holds its slice of both halves
-        return torch.cat([half.chunk(size, dim=0)[rank] for half in full.chunk(2, dim=0)])
-    return full.chunk(size, dim=tensor.partition_dim)[rank]
-
-
-def _unslice(name: str, tensor: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    if not getattr(tensor, "tensor_model_parallel", False):
-        return local.detach().clone()
-    group = _split_group(name)
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.detach().contiguous(), group=group)
-    if name.endswith("linear_fc1.weight"):
-        halves = [part.chunk(2, dim=0) for part in parts]
-        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
-    return torch.cat(parts, dim=tensor.partition_dim)
-
-
 def _state(chunks) -> dict[str, tuple[DeepSeekV4Model, str, torch.Tensor]]:
     """Parameters and persistent buffers of all chunks, by one-rank name."""
     out = {}
     for chunk in chunks:
         for name, tensor in chunk.state_dict(keep_vars=True).items():
             if not name.endswith("_extra_state"):
-                out[_global_name(name, chunk)] = (name, tensor)
+                out[dsv4_global_name(name, chunk)] = (name, tensor)
     return out
 
 
 def gather(chunks, value=lambda tensor: tensor, only_params: bool = False) -> dict[str, torch.Tensor]:
     params = {id(p) for chunk in chunks for p in chunk.parameters()}
     return {
-        global_name: _unslice(name, tensor, value(tensor))
+        global_name: unshard(name, tensor, value(tensor).detach()).clone()
         for global_name, (name, tensor) in _state(chunks).items()
         if not only_params or id(tensor) in params
     }
@@ -171,7 +126,7 @@ def randomise(chunks, generator: torch.Generator) -> None:
 def _load(chunks, full: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for global_name, (name, tensor) in _state(chunks).items():
-            tensor.copy_(_slice(name, tensor, full[global_name]))
+            tensor.copy_(shard(name, tensor, full[global_name]))
 
 
 def global_batch(step: int) -> torch.Tensor:

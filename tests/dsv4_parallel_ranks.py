@@ -8,8 +8,6 @@ compares what it holds with transformers' numbers on the same data.
 
 from __future__ import annotations
 
-import re
-
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -17,6 +15,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 import megatron_v4
 from megatron_v4.model import DeepSeekV4Model
 from megatron_v4.specs import get_dsv4_decoder_block_spec
+from layout_slicing import dsv4_global_name, shard, unshard
 from test_model_parity import (
     CONFIGS,
     ReferenceMTP,
@@ -30,71 +29,27 @@ from test_model_parity import (
     relative_frobenius,
 )
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-_EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
 MICRO_BATCH = 2
-
-
-def _global_name(name: str, model: DeepSeekV4Model) -> str:
-    """Local name -> the one-rank model's name (pipeline layer offset, expert-parallel offset)."""
-    match = _LAYER.match(name)
-    if match:
-        name = f"decoder.layers.{int(match.group(1)) + model.decoder.layer_offset}.{match.group(2)}"
-    match = _EXPERT.match(name)
-    if match:
-        local = model.config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
-        first = parallel_state.get_expert_model_parallel_rank() * local
-        name = f"{match.group(1)}{int(match.group(2)) + first}{match.group(3)}"
-    return name
-
-
-def _tp_group(name: str):
-    if ".mlp.experts." in name:
-        return parallel_state.get_expert_tensor_parallel_group()
-    return parallel_state.get_tensor_model_parallel_group()
-
-
-def _shard(name: str, tensor: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a full tensor, by the partition attributes Megatron-Core sets."""
-    if not getattr(tensor, "tensor_model_parallel", False):
-        return full
-    group = _tp_group(name)
-    size, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
-    if name.endswith("linear_fc1.weight"):  # [gate; up]: each rank holds its slice of both halves
-        return torch.cat([half.chunk(size, dim=0)[rank] for half in full.chunk(2, dim=0)])
-    return full.chunk(size, dim=tensor.partition_dim)[rank]
-
-
-def _unshard(name: str, tensor: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    if not getattr(tensor, "tensor_model_parallel", False):
-        return local
-    group = _tp_group(name)
-    parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
-    torch.distributed.all_gather(parts, local.contiguous(), group=group)
-    if name.endswith("linear_fc1.weight"):
-        halves = [part.chunk(2, dim=0) for part in parts]
-        return torch.cat([torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])])
-    return torch.cat(parts, dim=tensor.partition_dim)
 
 
 def _load(model: DeepSeekV4Model, full: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():
             if not name.endswith("_extra_state"):
-                tensor.copy_(_shard(name, tensor, full[_global_name(name, model)]))
+                tensor.copy_(shard(name, tensor, full[dsv4_global_name(name, model)]))
 
 
 def _grad_errors(model: DeepSeekV4Model, expected: dict[str, torch.Tensor], skip=lambda name: False) -> dict[str, float]:
     errors = {}
     for name, param in model.named_parameters():
-        global_name = _global_name(name, model)
+        global_name = dsv4_global_name(name, model)
         if skip(global_name):
             continue
         if global_name not in expected:
             assert param.grad is None or not param.grad.any(), f"{global_name} has a gradient transformers lacks"
             continue
         assert param.grad is not None, f"{global_name} got no gradient"
-        grad = _unshard(name, param, param.grad)
+        grad = unshard(name, param, param.grad)
         errors[global_name] = relative_frobenius(grad, expected[global_name])
 
     return errors

@@ -10,7 +10,6 @@ compare them with a one-rank run on the same data.
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import torch
@@ -24,10 +23,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
 import megatron_v4
+from layout_slicing import gather_slices, global_name, rank_slice
 
 VOCAB, SEQ, MICRO_BATCH = 64, 8, 2
-_LAYER = re.compile(r"^(.*decoder\.layers\.)(\d+)(\..*)$")
-_EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
 
 
 def build_gpt(moe: dict | None = None, num_layers: int = 2) -> GPTModel:
@@ -59,16 +57,9 @@ def build_gpt(moe: dict | None = None, num_layers: int = 2) -> GPTModel:
 
 def _global_name(name: str, module: GPTModel) -> str:
     """Local parameter name -> name in the one-rank model (layer and expert offsets)."""
-    m = _LAYER.match(name)
-    if m:
-        offset = module.decoder.layers[0].layer_number - 1
-        name = f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}"
-    m = _EXPERT.match(name)
-    if m:
-        local_experts = module.config.num_moe_experts // parallel_state.get_expert_model_parallel_world_size()
-        first = parallel_state.get_expert_model_parallel_rank() * local_experts
-        name = f"{m.group(1)}{int(m.group(2)) + first}{m.group(3)}"
-    return name
+    return global_name(
+        name, lambda i: i + module.decoder.layers[0].layer_number - 1, module.config.num_moe_experts
+    )
 
 
 def _tp_group(param):
@@ -82,24 +73,14 @@ def load_full_weights(model: GPTModel, full: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             value = full[_global_name(name, model)]
-            if getattr(param, "tensor_model_parallel", False):
-                group = _tp_group(param)
-                value = value.chunk(dist.get_world_size(group), dim=param.partition_dim)[
-                    dist.get_rank(group)
-                ]
-            param.copy_(value)
+            param.copy_(rank_slice(param, value, _tp_group(param), gate_up=False))  # fc1 not gated
 
 
 def gather_full(model: GPTModel, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """This rank's tensors (keyed by local parameter name) -> full tensors by global name."""
     out = {}
     for name, param in model.named_parameters():
-        value = tensors[name]
-        if getattr(param, "tensor_model_parallel", False):
-            group = _tp_group(param)
-            parts = [torch.empty_like(value) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(parts, value.contiguous(), group=group)
-            value = torch.cat(parts, dim=param.partition_dim)
+        value = gather_slices(param, tensors[name], _tp_group(param), gate_up=False)
         out[_global_name(name, model)] = value.clone()
     return out
 

@@ -5,9 +5,9 @@ indexer), driven standalone: its position embeddings come from transformers'
 DeepseekV4RotaryEmbedding and its mask is the sliding-window causal mask that
 DeepseekV4Model builds (written below from the spec: key j visible to query i
 when 0 <= i - j < sliding_window). Random weights are copied into ours through
-the name map below; outputs and every parameter's gradient are compared for
-sliding (0), CSA (4) and HCA (128) layers at the compressor and window
-boundary lengths.
+the name map of tests/transformers_names.py; outputs and every parameter's
+gradient are compared for sliding (0), CSA (4) and HCA (128) layers at the
+compressor and window boundary lengths.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
 import megatron_v4
 from megatron_v4.attention import get_dsv4_attention_spec
 from megatron_v4.config import DeepSeekV4TransformerConfig
+from transformers_names import ATTENTION_NAMES
 
 HIDDEN, HEADS, HEAD_DIM, ROPE_DIM = 64, 4, 32, 16
 Q_LORA, O_GROUPS, O_LORA, WINDOW = 32, 2, 16, 10
@@ -32,27 +33,6 @@ ROPE_THETA, COMPRESS_ROPE_THETA, EPS = 10000.0, 160000.0, 1e-6
 YARN = dict(factor=16.0, original_max_position_embeddings=65536, beta_fast=32.0, beta_slow=1.0)
 BATCH, LONG = 2, 300  # 300 tokens: 2 HCA entries, 75 CSA entries (top-k is a real choice)
 
-# transformers name -> Megatron-Core name (the contract's names)
-NAME_MAP = {
-    "q_a_proj.weight": "linear_q_down_proj.weight",
-    "q_a_norm.weight": "q_layernorm.weight",
-    "q_b_proj.weight": "linear_q_up_proj.weight",
-    "kv_proj.weight": "linear_kv.weight",
-    "kv_norm.weight": "kv_layernorm.weight",
-    "o_a_proj.weight": "linear_o_down_proj.weight",
-    "o_b_proj.weight": "linear_proj.weight",
-    "sinks": "attn_sink",
-    "compressor.kv_proj.weight": "compressor.linear_kv.weight",
-    "compressor.gate_proj.weight": "compressor.linear_gate.weight",
-    "compressor.position_bias": "compressor.ape",
-    "compressor.kv_norm.weight": "compressor.norm.weight",
-    "compressor.indexer.kv_proj.weight": "indexer.compressor.linear_kv.weight",
-    "compressor.indexer.gate_proj.weight": "indexer.compressor.linear_gate.weight",
-    "compressor.indexer.position_bias": "indexer.compressor.ape",
-    "compressor.indexer.kv_norm.weight": "indexer.compressor.norm.weight",
-    "compressor.indexer.q_b_proj.weight": "indexer.linear_q_up_proj.weight",
-    "compressor.indexer.scorer.weights_proj.weight": "indexer.linear_weights_proj.weight",
-}
 LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 
 
@@ -156,12 +136,12 @@ def attention_pairs(layout):
         ours = our_attention(ratio, layout)
         ours_params = dict(ours.named_parameters())
         reference_params = dict(reference.named_parameters())
-        assert set(NAME_MAP[name] for name in reference_params) == set(ours_params), (
+        assert set(ATTENTION_NAMES[name] for name in reference_params) == set(ours_params), (
             f"ratio {ratio}: parameter sets differ"
         )
         with torch.no_grad():
             for name, param in reference_params.items():
-                ours_params[NAME_MAP[name]].copy_(param)
+                ours_params[ATTENTION_NAMES[name]].copy_(param)
         pairs[ratio] = (reference, rotary, ours)
     return pairs
 
@@ -204,12 +184,12 @@ def test_attention_matches_transformers(attention_pairs, ratio, length):
     ours_params = dict(ours.named_parameters())
     worst_grad_error = 0.0
     for name, param in reference.named_parameters():
-        our_param = ours_params[NAME_MAP[name]]
+        our_param = ours_params[ATTENTION_NAMES[name]]
         if param.grad is None:  # the indexer: its top-k choice passes no gradient
-            assert our_param.grad is None, f"{NAME_MAP[name]} has a gradient, transformers' {name} has none"
+            assert our_param.grad is None, f"{ATTENTION_NAMES[name]} has a gradient, transformers' {name} has none"
             continue
         error = relative_frobenius(our_param.grad, param.grad)
-        assert error <= 1e-4, f"gradient of {NAME_MAP[name]}: relative error {error:.3e}"
+        assert error <= 1e-4, f"gradient of {ATTENTION_NAMES[name]}: relative error {error:.3e}"
         worst_grad_error = max(worst_grad_error, error)
     print(
         f"ratio={ratio} len={length}: max|diff|={max_diff:.2e} (output max {expected.abs().max():.2f}), "
@@ -284,9 +264,9 @@ def test_tensor_parallel_matches_transformers(attention_pairs):
         }
         output, _ = reference(reference_input, position_embeddings, position_ids, sliding_window_mask(LONG))
         (output * output_grad).sum().backward()
-        grads = {NAME_MAP[n]: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+        grads = {ATTENTION_NAMES[n]: p.grad for n, p in reference.named_parameters() if p.grad is not None}
         expected[ratio] = (output.detach(), reference_input.grad, grads)
-        full_weights[ratio] = {NAME_MAP[n]: p.detach().clone() for n, p in reference.named_parameters()}
+        full_weights[ratio] = {ATTENTION_NAMES[n]: p.detach().clone() for n, p in reference.named_parameters()}
 
     per_rank = run_on_ranks(
         _tensor_parallel_rank, TP, full_weights, hidden.transpose(0, 1), output_grad.transpose(0, 1), timeout=240

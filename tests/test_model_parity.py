@@ -25,6 +25,7 @@ import megatron_v4
 from megatron_v4.config import DeepSeekV4TransformerConfig
 from megatron_v4.model import DeepSeekV4Model
 from megatron_v4.specs import get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
+from transformers_names import ATTENTION_NAMES
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -183,27 +184,6 @@ def hf_model(tiny: TinyConfig, seed: int = 0, mtp: int = 0, vocab: int = 97) -> 
 
 
 # ----------------------------------------------------------------------------- name map
-ATTENTION_NAMES = {
-    "q_a_proj.weight": "linear_q_down_proj.weight",
-    "q_a_norm.weight": "q_layernorm.weight",
-    "q_b_proj.weight": "linear_q_up_proj.weight",
-    "kv_proj.weight": "linear_kv.weight",
-    "kv_norm.weight": "kv_layernorm.weight",
-    "sinks": "attn_sink",
-    "o_a_proj.weight": "linear_o_down_proj.weight",
-    "o_b_proj.weight": "linear_proj.weight",
-    "compressor.kv_proj.weight": "compressor.linear_kv.weight",
-    "compressor.gate_proj.weight": "compressor.linear_gate.weight",
-    "compressor.position_bias": "compressor.ape",
-    "compressor.kv_norm.weight": "compressor.norm.weight",
-    "compressor.indexer.kv_proj.weight": "indexer.compressor.linear_kv.weight",
-    "compressor.indexer.gate_proj.weight": "indexer.compressor.linear_gate.weight",
-    "compressor.indexer.position_bias": "indexer.compressor.ape",
-    "compressor.indexer.kv_norm.weight": "indexer.compressor.norm.weight",
-    "compressor.indexer.q_b_proj.weight": "indexer.linear_q_up_proj.weight",
-    "compressor.indexer.scorer.weights_proj.weight": "indexer.linear_weights_proj.weight",
-}
-
 LAYER_NAMES = {
     "attn_hc.fn": "hc_attn.fn",
     "attn_hc.base": "hc_attn.base",
