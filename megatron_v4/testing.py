@@ -27,7 +27,8 @@ class RankFailure(RuntimeError):
     """One rank raised, died or timed out."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -82,7 +83,7 @@ def run_on_ranks(
     """
     ctx = _context()
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     threads = max(1, (os.cpu_count() or 1) // world_size)
     procs = [
         ctx.Process(

@@ -1,7 +1,6 @@
 """initialize()/destroy() and the rank harness."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import torch.distributed as dist
 
 import megatron_v4
 import parallel_gpt as pg
-from megatron_v4.testing import RankFailure, run_on_ranks
+from megatron_v4.testing import RankFailure, free_port, run_on_ranks
 
 
 def test_initialize_in_plain_process_and_reinitialize():
@@ -75,15 +74,10 @@ def test_initialize_under_torchrun(tmp_path):
     probe = os.path.join(os.path.dirname(__file__), "torchrun_probe.py")
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_port", str(_free_port()), probe, str(tmp_path)],
+         "--master_port", str(free_port()), probe, str(tmp_path)],
         capture_output=True, text=True, timeout=180,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert lines == ["rank 0 tp_rank 0 tp_sum 1 backend gloo", "rank 1 tp_rank 1 tp_sum 1 backend gloo"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
