@@ -72,15 +72,17 @@ def to_official(items: Items, naming: str) -> Iterator[tuple[str, torch.Tensor]]
 def dequantise(items: Items) -> Iterator[tuple[str, torch.Tensor]]:
     """Turn stored tensors into plain floating-point (or integer index) tensors.
 
-    Unquantised tensors pass unchanged. The released checkpoints' FP8 blocks
-    (float8 weight + `<name>.scale`) and FP4 experts (int8-packed + `.scale`) are
-    recognised here and refused until their dequantisation is implemented.
+    Unquantised tensors pass unchanged. FP8 blocks (float8 weight + `<name>.scale`)
+    and FP4 experts (int8-packed + `.scale`) are refused on this in-memory path:
+    checkpoint directories are read through `bridge.hf_source.HFSource`, which pairs
+    each weight with its scale and dequantises it.
     """
     for name, tensor in items:
         if name.endswith(".scale") or tensor.dtype in QUANTISED_DTYPES:
             raise NotImplementedError(
-                f"tensor {name!r} is FP8/FP4-quantised ({tensor.dtype}); this bridge does not dequantise yet: "
-                "convert the checkpoint to bf16 first"
+                f"tensor {name!r} is FP8/FP4-quantised ({tensor.dtype}); in-memory state dicts must be "
+                "unquantised: load the checkpoint from its directory (AutoBridge.from_hf_pretrained(dir) or "
+                "`python -m bridge import`), which dequantises"
             )
         yield name, tensor
 
