@@ -23,7 +23,7 @@ import transformers
 import megatron_v4
 from bridge import AutoBridge
 from bridge.tiny import make_tiny_model, tiny_config
-from megatron_v4.generation import generate
+from megatron_v4.inference import generate
 
 
 def main() -> None:

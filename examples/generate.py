@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 import megatron_v4
-from megatron_v4.generation import SamplingParams, generate
+from megatron_v4.inference import SamplingParams, generate
 
 DEFAULT_TINY_DIR = "/tmp/dsv4-tiny-generate"
 

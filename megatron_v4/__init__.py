@@ -1,7 +1,7 @@
 """DeepSeek-V4 for released Megatron-Core."""
 
 from megatron_v4.config import DeepSeekV4TransformerConfig
-from megatron_v4.evaluation import forward_logits
+from megatron_v4.inference import forward_logits
 from megatron_v4.model import DeepSeekV4Model
 from megatron_v4.runtime import ParallelLayout, destroy, initialize, layout
 from megatron_v4.specs import (

@@ -46,7 +46,7 @@ slice of the (already complete) input gradient. `linear_proj` is the row-paralle
 exit: it reduce-scatters the output back to this rank's slice of the sequence.
 Context parallelism is not supported.
 
-Decoding: with an `inference_context` (`megatron_v4.decode_state.DSv4InferenceContext`)
+Decoding: with an `inference_context` (`megatron_v4.inference.DeepSeekV4InferenceContext`)
 the first forward of a sequence is the ordinary computation above and also keeps the
 layer's decode state (window ring, compressed entries, unfinished compressor windows,
 indexer keys); later forwards run only the new tokens against that state, one token at
@@ -76,15 +76,15 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from megatron_v4.compressor import DSv4Compressor, DSv4CompressorSubmodules, build_replicated_linear
+from megatron_v4.compressor import DeepSeekV4Compressor, DeepSeekV4CompressorSubmodules, build_replicated_linear
 from megatron_v4.config import CSA, SLIDING, DeepSeekV4TransformerConfig
 from megatron_v4.decode_state import AttentionDecodeState
-from megatron_v4.indexer import DSv4Indexer, DSv4IndexerSubmodules
-from megatron_v4.rope import DSv4RotaryEmbedding, apply_rotary
+from megatron_v4.indexer import DeepSeekV4Indexer, DeepSeekV4IndexerSubmodules
+from megatron_v4.rope import DeepSeekV4RotaryEmbedding, apply_rotary
 
 
 @dataclass
-class DSv4HybridSelfAttentionSubmodules:
+class DeepSeekV4HybridSelfAttentionSubmodules:
     """Building blocks of the hybrid attention; see `get_dsv4_attention_spec`."""
 
     linear_q_down_proj: ModuleSpec | type = None
@@ -126,7 +126,7 @@ def per_head_rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
-class DSv4HybridSelfAttention(MegatronModule):
+class DeepSeekV4HybridSelfAttention(MegatronModule):
     """Sliding-window / CSA / HCA self-attention of DeepSeek-V4.
 
     forward(hidden_states [s, b, D], attention_mask=None, position_ids=None, **kwargs)
@@ -144,7 +144,7 @@ class DSv4HybridSelfAttention(MegatronModule):
     def __init__(
         self,
         config: DeepSeekV4TransformerConfig,
-        submodules: DSv4HybridSelfAttentionSubmodules,
+        submodules: DeepSeekV4HybridSelfAttentionSubmodules,
         layer_number: int,
         compress_ratio: int | None = None,
         pg_collection=None,
@@ -154,7 +154,7 @@ class DSv4HybridSelfAttention(MegatronModule):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
             raise NotImplementedError(
-                "DSv4HybridSelfAttention does not support context parallelism; set context_parallel_size=1"
+                "DeepSeekV4HybridSelfAttention does not support context parallelism; set context_parallel_size=1"
             )
         self.layer_number = layer_number
         self.compress_ratio = self._resolve_compress_ratio(config, layer_number, compress_ratio)
@@ -250,7 +250,7 @@ class DSv4HybridSelfAttention(MegatronModule):
             self.indexer = build_module(
                 submodules.indexer, config=full_sequence_config, tp_group=self.tp_group
             )
-        self.rotary = DSv4RotaryEmbedding(config, compressed=self.compress_ratio != SLIDING)
+        self.rotary = DeepSeekV4RotaryEmbedding(config, compressed=self.compress_ratio != SLIDING)
 
     @staticmethod
     def _resolve_compress_ratio(config, layer_number: int, compress_ratio: int | None) -> int:
@@ -264,12 +264,12 @@ class DSv4HybridSelfAttention(MegatronModule):
         return config.compress_ratios[layer_number - 1]
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, inference_context=None, **kwargs):
-        """With `inference_context` (a `DSv4InferenceContext`): the first forward of a sequence
+        """With `inference_context` (a `DeepSeekV4InferenceContext`): the first forward of a sequence
         (from position 0) fills this layer's decode state, later ones extend it token by token."""
         for unsupported in ("inference_params", "packed_seq_params"):
             if kwargs.get(unsupported) is not None:
                 raise NotImplementedError(
-                    f"DSv4HybridSelfAttention does not support {unsupported} yet; pass None"
+                    f"DeepSeekV4HybridSelfAttention does not support {unsupported} yet; pass None"
                 )
         if inference_context is not None and self.config.sequence_parallel:
             raise NotImplementedError(
@@ -483,7 +483,7 @@ class DSv4HybridSelfAttention(MegatronModule):
 
 
 def get_dsv4_attention_spec(use_te: bool | None = None) -> ModuleSpec:
-    """ModuleSpec of DSv4HybridSelfAttention with its compressor and indexer.
+    """ModuleSpec of DeepSeekV4HybridSelfAttention with its compressor and indexer.
 
     `use_te=None` picks Transformer Engine modules when Transformer Engine imports,
     Megatron-Core's local modules otherwise; the parameter names are the same either way.
@@ -524,15 +524,15 @@ def get_dsv4_attention_spec(use_te: bool | None = None) -> ModuleSpec:
 
     def compressor_spec() -> ModuleSpec:
         return ModuleSpec(
-            module=DSv4Compressor,
-            submodules=DSv4CompressorSubmodules(
+            module=DeepSeekV4Compressor,
+            submodules=DeepSeekV4CompressorSubmodules(
                 linear_kv=replicated_linear, linear_gate=replicated_linear, norm=norm
             ),
         )
 
     return ModuleSpec(
-        module=DSv4HybridSelfAttention,
-        submodules=DSv4HybridSelfAttentionSubmodules(
+        module=DeepSeekV4HybridSelfAttention,
+        submodules=DeepSeekV4HybridSelfAttentionSubmodules(
             linear_q_down_proj=replicated_linear,
             q_layernorm=norm,
             linear_q_up_proj=column_parallel_linear,
@@ -542,8 +542,8 @@ def get_dsv4_attention_spec(use_te: bool | None = None) -> ModuleSpec:
             linear_proj=row_parallel_linear,
             compressor=compressor_spec(),
             indexer=ModuleSpec(
-                module=DSv4Indexer,
-                submodules=DSv4IndexerSubmodules(
+                module=DeepSeekV4Indexer,
+                submodules=DeepSeekV4IndexerSubmodules(
                     linear_q_up_proj=column_parallel_linear,
                     linear_weights_proj=column_parallel_linear,
                     compressor=compressor_spec(),

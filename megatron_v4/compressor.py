@@ -37,11 +37,11 @@ from megatron.core.transformer.utils import (
 
 from megatron_v4.config import CSA, HCA, DeepSeekV4TransformerConfig
 from megatron_v4.decode_state import CompressorDecodeState
-from megatron_v4.rope import DSv4RotaryEmbedding, apply_rotary
+from megatron_v4.rope import DeepSeekV4RotaryEmbedding, apply_rotary
 
 
 @dataclass
-class DSv4CompressorSubmodules:
+class DeepSeekV4CompressorSubmodules:
     """Replicated linears (not split over tensor parallelism) and the entry RMSNorm."""
 
     linear_kv: ModuleSpec | type = None
@@ -93,7 +93,7 @@ def build_replicated_linear(spec, config: DeepSeekV4TransformerConfig, input_siz
     return linear
 
 
-class DSv4Compressor(MegatronModule):
+class DeepSeekV4Compressor(MegatronModule):
     """Pools every `compress_ratio` tokens into one entry of width `head_dim`.
 
     forward(hidden_states [s, b, D]) -> entries [s // m, b, head_dim], in the
@@ -103,7 +103,7 @@ class DSv4Compressor(MegatronModule):
     def __init__(
         self,
         config: DeepSeekV4TransformerConfig,
-        submodules: DSv4CompressorSubmodules,
+        submodules: DeepSeekV4CompressorSubmodules,
         compress_ratio: int,
         head_dim: int,
     ):
@@ -128,7 +128,7 @@ class DSv4Compressor(MegatronModule):
         self.norm = build_module(
             submodules.norm, config=config, hidden_size=head_dim, eps=config.layernorm_epsilon
         )
-        self.rotary = DSv4RotaryEmbedding(config, compressed=True)
+        self.rotary = DeepSeekV4RotaryEmbedding(config, compressed=True)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         seq_len, batch, _ = hidden_states.shape

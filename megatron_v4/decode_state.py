@@ -16,14 +16,11 @@ The KV head and the compressors are replicated over tensor parallelism, so
 every tensor-parallel rank holds the same state; the per-rank query heads and
 indexer heads need none.
 
-`DSv4InferenceContext` carries these states through the model the way
-Megatron-Core's `StaticInferenceContext` carries its KV cache: the model's
-forward takes it as `inference_context`. A forward over a fresh context from
-position 0 is an ordinary forward that also fills the states (prefill); later
-forwards take the next tokens and read/extend the states. The caller moves the
-context on with `increment_sequence_len_offset(num_tokens)` after each forward;
-the model reads `sequence_len_offset` as the position of the first token it is
-given.
+`megatron_v4.inference.DeepSeekV4InferenceContext` carries these states
+through the model the way Megatron-Core's `StaticInferenceContext` carries its
+KV cache: the model's forward takes it as `inference_context`, and each
+attention module asks it for its own state (`attention_state` /
+`set_attention_state`).
 """
 
 from __future__ import annotations
@@ -31,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from megatron.core.inference.contexts.static_context import StaticInferenceContext
 
 
 @dataclass
@@ -58,7 +54,7 @@ class CompressorDecodeState:
         if end > self.entries.shape[0]:
             raise ValueError(
                 f"the decode state has room for {self.entries.shape[0]} compressed entries, {end} are needed; "
-                "create the DSv4InferenceContext with a larger max_sequence_length"
+                "create the inference context with a larger max_sequence_length"
             )
         self.entries[self.num_entries : end] = entries.detach()
         self.num_entries = end
@@ -92,28 +88,3 @@ class AttentionDecodeState:
     def window_keys(self) -> torch.Tensor:
         """The (up to `window`) kv vectors the latest token sees, [n, batch, head_dim], in ring order."""
         return self.window_kv[: min(self.length, self.window_kv.shape[0])]
-
-
-class DSv4InferenceContext(StaticInferenceContext):
-    """Megatron-Core static inference context holding DeepSeek-V4's decode states.
-
-    `key_value_memory_dict` maps each attention module to its `AttentionDecodeState`
-    (keyed by module so that decoder and MTP layers, which share layer numbers, never
-    collide). The batch is static: every sequence has the same length, no padding.
-    Built as `DSv4InferenceContext(max_batch_size, max_sequence_length)`; the compressed-entry
-    buffers are sized for `max_sequence_length` tokens.
-    """
-
-    def is_static_batching(self) -> bool:
-        return True
-
-    def attention_state(self, attention: torch.nn.Module) -> AttentionDecodeState | None:
-        return self.key_value_memory_dict.get(attention)
-
-    def set_attention_state(self, attention: torch.nn.Module, state: AttentionDecodeState) -> None:
-        self.key_value_memory_dict[attention] = state
-
-    def reset(self) -> None:
-        """Forget every sequence: the next forward is a prefill again."""
-        super().reset()
-        self.key_value_memory_dict.clear()

@@ -28,14 +28,14 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_v4.config import CSA, DeepSeekV4TransformerConfig
 from megatron_v4.decode_state import CompressorDecodeState
-from megatron_v4.rope import DSv4RotaryEmbedding, apply_rotary
+from megatron_v4.rope import DeepSeekV4RotaryEmbedding, apply_rotary
 
 # Queries scored at once: bounds the transient [block, batch, heads, entries] score tensor.
 QUERY_BLOCK = 128
 
 
 @dataclass
-class DSv4IndexerSubmodules:
+class DeepSeekV4IndexerSubmodules:
     """Per-head (column-parallel) projections and the indexer's own compressor."""
 
     linear_q_up_proj: ModuleSpec | type = None
@@ -43,14 +43,14 @@ class DSv4IndexerSubmodules:
     compressor: ModuleSpec | type = None
 
 
-class DSv4Indexer(MegatronModule):
+class DeepSeekV4Indexer(MegatronModule):
     """forward(hidden_states [s, b, D], q_compressed [s, b, q_lora_rank], positions [s, b])
     -> indices [s, b, k] (int64) of the chosen entries, -1 where a pick is not visible."""
 
     def __init__(
         self,
         config: DeepSeekV4TransformerConfig,
-        submodules: DSv4IndexerSubmodules,
+        submodules: DeepSeekV4IndexerSubmodules,
         tp_group: dist.ProcessGroup,
     ):
         super().__init__(config=config)
@@ -90,7 +90,7 @@ class DSv4Indexer(MegatronModule):
         self.compressor = build_module(
             submodules.compressor, config=config, compress_ratio=CSA, head_dim=config.index_head_dim
         )
-        self.rotary = DSv4RotaryEmbedding(config, compressed=True)
+        self.rotary = DeepSeekV4RotaryEmbedding(config, compressed=True)
         self.weight_scale = config.index_head_dim**-0.5 * config.index_n_heads**-0.5
 
     @torch.no_grad()

@@ -99,7 +99,7 @@ class DeepSeekV4TransformerLayer(MegatronModule):
         """hidden_states: streams [seq, batch, n, hidden] -> streams of the same shape.
 
         position_ids [batch, seq] (full sequence), token_ids [seq, batch] (this rank's tokens),
-        inference_context: a `DSv4InferenceContext` when decoding (see `megatron_v4.decode_state`).
+        inference_context: a `DeepSeekV4InferenceContext` when decoding (see `megatron_v4.decode_state`).
         """
         x, post, comb = self.hc_attn(hidden_states)
         attention_output, _ = self.self_attention(

@@ -144,7 +144,7 @@ class DeepSeekV4Model(LanguageModule):
         position_ids default to 0..seq-1. `loss_mask` [batch, seq] masks the MTP loss; the
         returned main loss is unmasked (the caller's loss function masks it, as with GPTModel).
         `decoder_input` replaces the embedding on the first stage.
-        `inference_context` (a `megatron_v4.decode_state.DSv4InferenceContext`) makes the attention
+        `inference_context` (a `megatron_v4.inference.DeepSeekV4InferenceContext`) makes the attention
         layers keep / use their decode state; positions then default to start at its
         `sequence_len_offset`.
         """

@@ -58,7 +58,7 @@ def rope_inverse_frequencies(config: DeepSeekV4TransformerConfig, compressed: bo
     return interpolated * ramp + frequencies * (1 - ramp)
 
 
-class DSv4RotaryEmbedding(torch.nn.Module):
+class DeepSeekV4RotaryEmbedding(torch.nn.Module):
     """cos/sin of the rotation angles of one layer type at given integer positions.
 
     `forward(positions)` takes positions of any shape (a tensor, so that decoding

@@ -1,4 +1,4 @@
-"""DSv4HybridSelfAttention against transformers' DeepseekV4Attention, one rank, float32.
+"""DeepSeekV4HybridSelfAttention against transformers' DeepseekV4Attention, one rank, float32.
 
 The reference is transformers' own attention module (with its compressors and
 indexer), driven standalone: its position embeddings come from transformers'
@@ -248,7 +248,7 @@ def _tensor_parallel_rank(full_weights: dict, hidden: torch.Tensor, output_grad:
 
 
 def test_tensor_parallel_matches_transformers(attention_pairs):
-    from megatron_v4.testing import run_on_ranks
+    from megatron_v4.runtime.ranks import run_on_ranks
 
     generator = torch.Generator().manual_seed(11)
     hidden = torch.randn(BATCH, LONG, HIDDEN, generator=generator)

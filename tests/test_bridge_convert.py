@@ -27,7 +27,7 @@ from bridge.hf_naming import OFFICIAL, TRANSFORMERS_MODULE, TRANSFORMERS_SAVED, 
 from bridge.quantisation import E8M0, FP4, FP8, SourceFormat, dequantise, fp4_pack, requantise
 from bridge.safetensors_io import INDEX_FILE, SafetensorsCheckpoint
 from bridge.tiny import make_tiny_checkpoint, tiny_config
-from megatron_v4.testing import run_on_ranks
+from megatron_v4.runtime.ranks import run_on_ranks
 
 SMALL_BLOCK = (24, 24)
 """FP8 blocks for the tiny dims: several blocks per tensor, partial ones at the edges."""

@@ -17,7 +17,7 @@ from bridge.hf_naming import OFFICIAL, TRANSFORMERS_MODULE
 from bridge.safetensors_io import SafetensorsCheckpoint
 from bridge.tiny import make_tiny_checkpoint
 from bridge_layout_ranks import load_and_export
-from megatron_v4.testing import run_on_ranks
+from megatron_v4.runtime.ranks import run_on_ranks
 
 QUANTISED = "official-fp8-fp4"
 LAYOUTS = {

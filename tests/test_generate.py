@@ -21,9 +21,9 @@ import megatron_v4
 from bridge import AutoBridge, make_tiny_checkpoint
 from bridge.convert import import_checkpoint
 from generate_ranks import generate_at_layouts, load_generate_example
-from megatron_v4.decode_state import DSv4InferenceContext
-from megatron_v4.generation import SamplingParams, generate, sample_next
-from megatron_v4.testing import run_on_ranks
+from megatron_v4.inference import DeepSeekV4InferenceContext
+from megatron_v4.inference import SamplingParams, generate, sample_next
+from megatron_v4.runtime.ranks import run_on_ranks
 
 pytestmark = pytest.mark.timeout(300)
 NEW_TOKENS = 32
@@ -146,7 +146,7 @@ def test_several_tokens_at_once_extend_the_decode_state(model, reference):
     """Prefill 100 tokens, then feed 33 (crossing the HCA window at 128) and 1 in one forward each."""
     torch.set_num_threads(1)
     tokens = prompt_ids(134, batch=2)
-    context = DSv4InferenceContext(max_batch_size=2, max_sequence_length=134)
+    context = DeepSeekV4InferenceContext(max_batch_size=2, max_sequence_length=134)
     pieces = []
     with torch.no_grad():
         for chunk in tokens.split([100, 33, 1], dim=1):

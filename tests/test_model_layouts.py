@@ -30,7 +30,7 @@ import torch
 
 import dsv4_layout_ranks as ranks
 from megatron_v4 import ParallelLayout
-from megatron_v4.testing import run_on_ranks
+from megatron_v4.runtime.ranks import run_on_ranks
 
 TOLERANCE = 1e-5
 

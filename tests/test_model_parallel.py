@@ -10,7 +10,7 @@ an HCA layer plus MTP. Loss and every gradient must match transformers' model
 import pytest
 
 import dsv4_parallel_ranks as ranks
-from megatron_v4.testing import run_on_ranks
+from megatron_v4.runtime.ranks import run_on_ranks
 
 
 @pytest.mark.timeout(300)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import parallel_gpt as pg
-from megatron_v4.testing import run_on_ranks
+from megatron_v4.runtime.ranks import run_on_ranks
 
 REL_TOL = 1e-5
 MOE = dict(

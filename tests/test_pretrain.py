@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from megatron_v4.testing import run_on_ranks
+from megatron_v4.runtime.ranks import run_on_ranks
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
 import pretrain  # noqa: E402

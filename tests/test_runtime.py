@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 import megatron_v4
 import parallel_gpt as pg
-from megatron_v4.testing import RankFailure, free_port, run_on_ranks
+from megatron_v4.runtime.ranks import RankFailure, free_port, run_on_ranks
 
 
 def test_initialize_in_plain_process_and_reinitialize():

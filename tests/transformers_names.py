@@ -5,7 +5,7 @@ tests/test_model_parity.py) as an independent reference: deliberately not the
 bridge's tables.
 """
 
-# One attention module (DeepseekV4Attention -> DSv4HybridSelfAttention), compressor and indexer included.
+# One attention module (DeepseekV4Attention -> DeepSeekV4HybridSelfAttention), compressor and indexer included.
 ATTENTION_NAMES = {
     "q_a_proj.weight": "linear_q_down_proj.weight",
     "q_a_norm.weight": "q_layernorm.weight",

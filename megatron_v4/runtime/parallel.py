@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_v4 import cpu_compat
+from megatron_v4.runtime import cpu_compat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ def initialize(
     Works in a plain `python` process (a world of one) and under `torchrun`
     (reads RANK/WORLD_SIZE/MASTER_* from the environment). Uses NCCL when CUDA
     is available and gloo otherwise; on a machine without CUDA it first applies
-    the CPU compatibility patches of `megatron_v4.cpu_compat`.
+    the CPU compatibility patches of `megatron_v4.runtime.cpu_compat`.
 
     Returns the `ParallelLayout`, whose `config_kwargs()` feed a TransformerConfig.
     """

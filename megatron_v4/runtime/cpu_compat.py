@@ -286,7 +286,7 @@ def apply() -> None:
     if _APPLIED:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("megatron_v4.cpu_compat is for machines without CUDA")
+        raise RuntimeError("megatron_v4.runtime.cpu_compat is for machines without CUDA")
     _patch_rng_tracker()
     _patch_current_device()
     _patch_tensor_cuda()

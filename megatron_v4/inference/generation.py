@@ -2,7 +2,7 @@
 
 `generate(model, prompt_ids, max_new_tokens, sampling)` runs a prefill over the
 prompt and then one forward per new token. With `use_cache=True` (default) the
-model keeps its decode state in a `DSv4InferenceContext` (see
+model keeps its decode state in a `DeepSeekV4InferenceContext` (see
 `megatron_v4.decode_state`), so a decode step only runs the new token; with
 `use_cache=False` every step re-runs the whole sequence (the reference the
 cache is checked against, and the baseline of the decode benchmark).
@@ -29,7 +29,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.utils import get_attr_wrapped_model
 
-from megatron_v4.decode_state import DSv4InferenceContext
+from megatron_v4.inference.decode_context import DeepSeekV4InferenceContext
 
 
 @dataclass
@@ -165,7 +165,7 @@ def generate(
     batch, prompt_len = prompt_ids.shape
     generator = torch.Generator().manual_seed(sampling.seed)
     vocab = get_attr_wrapped_model(model, "vocab_size")
-    context = DSv4InferenceContext(batch, prompt_len + max_new_tokens) if use_cache else None
+    context = DeepSeekV4InferenceContext(batch, prompt_len + max_new_tokens) if use_cache else None
     result = GenerationResult(tokens=prompt_ids.new_empty(batch, 0))
     sequence = prompt_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)

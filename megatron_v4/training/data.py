@@ -1,0 +1,142 @@
+"""Training data: Megatron-Core's `GPTDataset` over an indexed (.bin/.idx) dataset, a text/JSONL file
+tokenised into one, or `MockGPTDataset`; batches are drawn in a fixed order from a sample counter, so a
+resumed run sees the same data."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy
+import torch
+import torch.distributed as dist
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+
+class VocabTokenizer:
+    """What Megatron's datasets need of a tokenizer for prepared or mock data: the vocabulary size, the
+    end-of-document token (the last one here) and identifiers for their cache of sample indices."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self.eod = vocab_size - 1
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return {"class": type(self).__name__, "vocab_size": self.vocab_size, "eod": self.eod}
+
+
+class ByteTokenizer(VocabTokenizer):
+    """UTF-8 bytes as tokens 0..255 and an end-of-document token 256: needs nothing on disk."""
+
+    def __init__(self):
+        super().__init__(vocab_size=257)
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+
+class HFTokenizer(VocabTokenizer):
+    """A Hugging Face tokenizer directory (tokenizer.json and friends); its eos token ends documents."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(path)
+        self.path = os.path.abspath(path)
+        self.vocab_size = len(self._tokenizer)
+        self.eod = self._tokenizer.eos_token_id
+        if self.eod is None:
+            raise ValueError(f"the tokenizer in {path} has no eos token; set eos_token in its tokenizer_config.json")
+
+    @property
+    def unique_identifiers(self) -> dict:
+        return {**super().unique_identifiers, "path": self.path}
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+
+def _documents(path: str) -> Iterator[str]:
+    """A JSONL file's "text" fields, or a plain text file's paragraphs (split on blank lines)."""
+    with open(path, encoding="utf-8") as f:
+        if path.endswith((".jsonl", ".json")):
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)["text"]
+        else:
+            for paragraph in f.read().split("\n\n"):
+                if paragraph.strip():
+                    yield paragraph
+
+
+def tokenise_to_indexed(text_path: str, tokenizer, out_prefix: str) -> str:
+    """Tokenise a text/JSONL file into a Megatron indexed dataset `out_prefix`.bin/.idx (rank 0 writes)."""
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
+        dtype = numpy.uint16 if tokenizer.vocab_size <= 65536 else numpy.int32
+        builder = IndexedDatasetBuilder(out_prefix + ".bin", dtype=dtype)
+        for text in _documents(text_path):
+            ids = tokenizer.encode(text) + [tokenizer.eod]
+            builder.add_document(ids, [len(ids)])
+        builder.finalize(out_prefix + ".idx")
+        if not builder.sequence_lengths or not sum(builder.sequence_lengths):
+            raise ValueError(f"{text_path} holds no text (JSONL needs a 'text' field per line)")
+    dist.barrier()
+    return out_prefix
+
+
+def build_dataset(
+    kind: str,
+    num_samples: int,
+    seq_length: int,
+    tokenizer,
+    seed: int,
+    data_prefix: str | None = None,
+    cache_dir: str | None = None,
+) -> GPTDataset:
+    """A `GPTDataset` (kind "indexed" or "mock") of at least `num_samples` samples of seq_length + 1 tokens."""
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([data_prefix], None) if kind == "indexed" else None,
+        split="100,0,0",
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=cache_dir,
+    )
+    cls = MockGPTDataset if kind == "mock" else GPTDataset
+    train, _, _ = BlendedMegatronDatasetBuilder(cls, [num_samples, 0, 0], lambda: True, config).build()
+    return train
+
+
+@dataclass
+class DataOrder:
+    """Which samples a rank reads: global batch `step` holds samples [step * global_batch, ...), split in
+    micro batches, each split over the data-parallel ranks (as Megatron's pretraining sampler does)."""
+
+    micro_batch_size: int
+    num_microbatches: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.num_microbatches * self.dp_size
+
+    def micro_batches(self, dataset, step: int) -> Iterator[dict[str, torch.Tensor]]:
+        first = step * self.global_batch_size
+        for m in range(self.num_microbatches):
+            start = first + (m * self.dp_size + self.dp_rank) * self.micro_batch_size
+            samples = [dataset[i] for i in range(start, start + self.micro_batch_size)]
+            yield {
+                key: torch.stack([torch.as_tensor(sample[key]) for sample in samples])
+                for key in ("tokens", "labels", "loss_mask")
+            }

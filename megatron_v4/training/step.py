@@ -1,0 +1,79 @@
+"""One optimizer step through Megatron-Core's schedules (any pipeline size), with the losses reduced
+over the whole world."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+from megatron_v4.training.data import DataOrder
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Token-summed loss and token count: the schedule divides by the count, the logs reduce both."""
+    loss_mask = loss_mask.float()
+    loss_sum = (per_token_loss.float() * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), loss_mask.sum()])}
+
+
+def _forward_step(data_iterator, model):
+    batch = {k: v.to(_device()) for k, v in next(data_iterator).items()}
+    per_token_loss = model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+    return per_token_loss, lambda output: _loss_func(batch["loss_mask"], output)
+
+
+def prepare_for_training(model: DistributedDataParallel, optimizer) -> None:
+    """Hook the gradient finalisation (DP reduction, SP/embedding all-reduces, expert-bias update) and the
+    loss scale into the model config, where Megatron-Core's schedules look for them."""
+    config = model.config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = model.no_sync
+
+
+def train_step(model, optimizer, scheduler, dataset, order: DataOrder, step: int, seq_length: int) -> dict:
+    """Forward/backward over one global batch, optimizer and LR-scheduler step. Returns the step's metrics,
+    identical on every rank: loss (token mean over the global batch), mtp_loss (None without MTP),
+    grad_norm, lr, tokens."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    outputs = get_forward_backward_func()(
+        forward_step_func=_forward_step,
+        data_iterator=order.micro_batches(dataset, step),
+        model=[model],
+        num_microbatches=order.num_microbatches,
+        seq_length=seq_length,
+        # Between stages the hc_mult residual streams travel as [seq, batch * hc_mult, hidden].
+        micro_batch_size=order.micro_batch_size * (model.config.hc_mult if pipelined else 1),
+        forward_only=False,
+    )
+    _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+
+    # Sums over the world: every tensor-parallel copy counts the same tokens, so the ratios are exact.
+    totals = torch.zeros(4, dtype=torch.float64, device=_device())
+    for out in outputs:
+        totals[:2] += out["lm loss"].double()
+    tracker = MTPLossLoggingHelper.tracker
+    if parallel_state.is_pipeline_last_stage() and "loss_values" in tracker:
+        totals[2] += tracker["loss_values"].sum().double() / order.num_microbatches
+        totals[3] += 1
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+    dist.all_reduce(totals)
+    return {
+        "loss": (totals[0] / totals[1]).item(),
+        "mtp_loss": (totals[2] / totals[3]).item() if totals[3] else None,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "lr": scheduler.get_lr(optimizer.param_groups[0]),
+        "tokens": order.global_batch_size * seq_length,
+    }
