@@ -63,7 +63,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
@@ -76,16 +76,15 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from megatron_v4.compressor import DeepSeekV4Compressor, DeepSeekV4CompressorSubmodules, build_replicated_linear
+from megatron_v4.compressor import build_replicated_linear
 from megatron_v4.config import CSA, SLIDING, DeepSeekV4TransformerConfig
 from megatron_v4.decode_state import AttentionDecodeState
-from megatron_v4.indexer import DeepSeekV4Indexer, DeepSeekV4IndexerSubmodules
 from megatron_v4.rope import DeepSeekV4RotaryEmbedding, apply_rotary
 
 
 @dataclass
 class DeepSeekV4HybridSelfAttentionSubmodules:
-    """Building blocks of the hybrid attention; see `get_dsv4_attention_spec`."""
+    """Building blocks of the hybrid attention; see `megatron_v4.specs.get_dsv4_attention_spec`."""
 
     linear_q_down_proj: ModuleSpec | type = None
     q_layernorm: ModuleSpec | type = None
@@ -480,74 +479,3 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             )
         )
         return sharded
-
-
-def get_dsv4_attention_spec(use_te: bool | None = None) -> ModuleSpec:
-    """ModuleSpec of DeepSeekV4HybridSelfAttention with its compressor and indexer.
-
-    `use_te=None` picks Transformer Engine modules when Transformer Engine imports,
-    Megatron-Core's local modules otherwise; the parameter names are the same either way.
-    The grouped output projection is this package's own module in both cases.
-    """
-    from megatron.core.extensions.transformer_engine import HAVE_TE
-
-    if use_te is None:
-        use_te = HAVE_TE
-    if use_te and not HAVE_TE:
-        raise ImportError(
-            "get_dsv4_attention_spec(use_te=True) needs Transformer Engine; install it or pass use_te=False"
-        )
-    if use_te:
-        from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear,
-            TELinear,
-            TENorm,
-            TERowParallelLinear,
-        )
-
-        replicated_linear, column_parallel_linear, row_parallel_linear, norm = (
-            TELinear,
-            TEColumnParallelLinear,
-            TERowParallelLinear,
-            TENorm,
-        )
-    else:
-        from megatron_v4.compressor import ReplicatedLinear
-        from megatron_v4.norm import RMSNorm
-
-        replicated_linear, column_parallel_linear, row_parallel_linear, norm = (
-            ReplicatedLinear,
-            ColumnParallelLinear,
-            RowParallelLinear,
-            RMSNorm,
-        )
-
-    def compressor_spec() -> ModuleSpec:
-        return ModuleSpec(
-            module=DeepSeekV4Compressor,
-            submodules=DeepSeekV4CompressorSubmodules(
-                linear_kv=replicated_linear, linear_gate=replicated_linear, norm=norm
-            ),
-        )
-
-    return ModuleSpec(
-        module=DeepSeekV4HybridSelfAttention,
-        submodules=DeepSeekV4HybridSelfAttentionSubmodules(
-            linear_q_down_proj=replicated_linear,
-            q_layernorm=norm,
-            linear_q_up_proj=column_parallel_linear,
-            linear_kv=replicated_linear,
-            kv_layernorm=norm,
-            linear_o_down_proj=GroupedColumnParallelLinear,
-            linear_proj=row_parallel_linear,
-            compressor=compressor_spec(),
-            indexer=ModuleSpec(
-                module=DeepSeekV4Indexer,
-                submodules=DeepSeekV4IndexerSubmodules(
-                    linear_q_up_proj=column_parallel_linear,
-                    linear_weights_proj=column_parallel_linear,
-                    compressor=compressor_spec(),
-                ),
-            ),
-        ),
-    )

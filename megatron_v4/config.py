@@ -17,7 +17,7 @@ layers, V4-Pro 61), an uneven `pipeline_model_parallel_layout` is filled in
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from megatron.core.transformer import TransformerConfig
 
 SLIDING, CSA, HCA = 0, 4, 128
 SUPPORTED_COMPRESS_RATIOS = (SLIDING, CSA, HCA)
+SELECTIVE_RECOMPUTE_MODULES = {"moe", "moe_act", "shared_experts"}
+"""Megatron-Core's selective-recompute modules that live inside modules DeepSeek-V4 reuses (its
+MoELayer, experts and shared expert); the attention, norms and layer are this package's own."""
 
 
 @dataclass
@@ -35,7 +38,7 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
 
-    # Attention (section 3 of the spec)
+    # Attention (DeepSeek-V4 report, "Hybrid Attention"; official inference code `Attention`)
     q_lora_rank: int = 1024
     qk_rope_head_dim: int = 64
     o_groups: int = 8
@@ -58,12 +61,12 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
 
-    # Manifold-constrained hyper-connections (section 2)
+    # Manifold-constrained hyper-connections (DeepSeek-V4 report, "mHC"; transformers `DeepseekV4HyperConnection`)
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
 
-    # MoE (section 4)
+    # MoE (official inference code `Gate`/`MoE`: sqrtsoftplus scores, hash routing, clamped SwiGLU)
     num_hash_layers: int = 3
     swiglu_limit: float = 10.0
     """Clamp of the SwiGLU of routed and shared experts (gate from above, up on both sides);
@@ -72,20 +75,28 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
     vocab_size: int | None = None
     """Vocabulary size (the model's embedding/output and the hash routers' tid2eid rows)."""
 
+    # DeepSeek-V4's fixed design choices, as Megatron-Core fields. They are defaults here, not
+    # overrides: a config that sets one of them otherwise is refused (see `_check_design_choices`).
+    normalization: str = "RMSNorm"
+    gated_linear_unit: bool = True
+    activation_func: Callable = F.silu
+    add_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    moe_router_score_function: str = "sqrtsoftplus"
+    moe_router_pre_softmax: bool = False
+    moe_router_enable_expert_bias: bool = True
+    """Aux-loss-free balancing: every learned router has a selection-only expert bias."""
+    moe_router_dtype: str | None = "fp32"
+
     def __post_init__(self):
-        self.normalization = "RMSNorm"
-        self.gated_linear_unit = True
-        self.activation_func = F.silu
-        self.add_bias_linear = False
-        self.add_qkv_bias = False
-        if self.num_moe_experts:
-            self.moe_router_score_function = "sqrtsoftplus"
-            self.moe_router_pre_softmax = False
-            # Aux-loss-free balancing: every learned router has a selection-only expert bias.
-            self.moe_router_enable_expert_bias = True
-            if self.moe_router_dtype is None:
-                self.moe_router_dtype = "fp32"
-        self.activation_func_clamp_value = self.swiglu_limit or None
+        self._check_design_choices()
+        if self.activation_func_clamp_value is None:
+            self.activation_func_clamp_value = self.swiglu_limit or None
+        elif self.activation_func_clamp_value != self.swiglu_limit:
+            raise ValueError(
+                f"activation_func_clamp_value={self.activation_func_clamp_value} disagrees with "
+                f"swiglu_limit={self.swiglu_limit}; set swiglu_limit only (it becomes the clamp)"
+            )
         # Before Megatron-Core's own checks, so that a size that does not divide gets our message.
         self._check_parallel_sizes()
         self._default_pipeline_layout()
@@ -96,6 +107,27 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
                 "pipeline_model_parallel_layout puts the MTP layers before the last pipeline stage; "
                 "DeepSeek-V4 runs MTP on the last stage: move 'mtp' into the last stage's entry"
             )
+
+    def _check_design_choices(self) -> None:
+        """Refuse a Megatron-Core option set against DeepSeek-V4's design instead of changing it."""
+        required = {
+            "normalization": "RMSNorm",
+            "gated_linear_unit": True,
+            "activation_func": F.silu,
+            "add_bias_linear": False,
+            "add_qkv_bias": False,
+        }
+        if self.num_moe_experts:
+            required.update(
+                moe_router_score_function="sqrtsoftplus",
+                moe_router_pre_softmax=False,
+                moe_router_enable_expert_bias=True,
+            )
+        for name, value in required.items():
+            if getattr(self, name) != value:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}: DeepSeek-V4 uses {name}={value!r}; leave it unset"
+                )
 
     def _validate_deepseek_v4(self) -> None:
         if len(self.compress_ratios) != self.num_layers:
@@ -143,6 +175,13 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
                 "the fused SwiGLU kernels ignore the swiglu_limit clamp; set bias_activation_fusion, "
                 "use_te_activation_func and use_transformer_engine_op_fuser to False (or swiglu_limit=0)"
             )
+        if self.recompute_granularity == "selective":
+            unhonoured = sorted(set(self.recompute_modules) - SELECTIVE_RECOMPUTE_MODULES)
+            if unhonoured:
+                raise ValueError(
+                    f"recompute_modules {unhonoured} name Megatron-Core modules DeepSeek-V4 does not use; "
+                    f"choose among {sorted(SELECTIVE_RECOMPUTE_MODULES)} or recompute_granularity='full'"
+                )
         if self.hc_mult < 1 or self.hc_sinkhorn_iters < 1:
             raise ValueError(
                 f"hc_mult={self.hc_mult} and hc_sinkhorn_iters={self.hc_sinkhorn_iters} must be >= 1"
@@ -216,6 +255,3 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
     @property
     def is_hash_layer(self) -> list[bool]:
         return [i < self.num_hash_layers for i in range(self.num_layers)]
-
-    def replace(self, **changes) -> "DeepSeekV4TransformerConfig":
-        return dataclasses.replace(self, **changes)

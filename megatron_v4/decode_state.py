@@ -1,4 +1,7 @@
-"""Incremental decode state of DeepSeek-V4 attention (spec section 3, "Decode state").
+"""Incremental decode state of DeepSeek-V4 attention.
+
+What the official inference code keeps between decode steps (its attention's
+`kv_cache` and its compressors' `kv_state`/`score_state`).
 
 What a layer must remember so that a new token costs O(window + selected
 entries) instead of a re-run of the prefix:

@@ -22,8 +22,8 @@ Parallelism (see `megatron_v4.config` for the sizes it accepts):
   stages the hc_mult residual streams travel as one 3-d tensor
   [seq, batch * hc_mult, hidden] (a view, no copy), which is what
   Megatron-Core's schedules send: run them with
-  `micro_batch_size = batch * hc_mult` (their receive buffers are
-  [seq_length, micro_batch_size, hidden_size]) or with `variable_seq_lengths`.
+  `micro_batch_size=pipeline_micro_batch_size(config, batch)` (their receive
+  buffers are [seq_length, micro_batch_size, hidden_size]).
   Interleaved schedules: build one model per virtual stage with
   `vp_stage=i`, `pre_process=is_pipeline_first_stage(ignore_virtual=False, vp_stage=i)`
   and `post_process=is_pipeline_last_stage(ignore_virtual=False, vp_stage=i)`,
@@ -46,6 +46,14 @@ from megatron_v4.layer import DeepSeekV4BlockSubmodules, DeepSeekV4TransformerBl
 from megatron_v4.mtp import DeepSeekV4MTPBlock, DeepSeekV4MTPBlockSubmodules
 from megatron_v4.specs import get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
 
+
+
+def pipeline_micro_batch_size(config: DeepSeekV4TransformerConfig, micro_batch_size: int) -> int:
+    """The `micro_batch_size` to give Megatron-Core's pipeline schedules for micro-batches of
+    `micro_batch_size` sequences: between stages the hc_mult residual streams travel as one
+    [seq, micro_batch_size * hc_mult, hidden] tensor, and the schedules size their receive buffers
+    as [seq_length, micro_batch_size, hidden_size]."""
+    return micro_batch_size * config.hc_mult
 
 class DeepSeekV4Model(LanguageModule):
     """DeepSeek-V4 (V4-Flash, V4-Pro, or smaller of the same design).

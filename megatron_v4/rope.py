@@ -1,4 +1,7 @@
-"""Rotary position embedding of DeepSeek-V4 attention (spec section 3).
+"""Rotary position embedding of DeepSeek-V4 attention.
+
+As the official inference code (`precompute_freqs_cis`) and transformers
+(`DeepseekV4RotaryEmbedding`, whose YaRN formula we follow) compute it.
 
 V4 rotates only the LAST `qk_rope_head_dim` (r) channels of a head, and it
 pairs them GPT-J style: channels (2i, 2i+1) form pair i, rotated by angle

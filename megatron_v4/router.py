@@ -76,8 +76,16 @@ class HashRouter(Router):
             precomputed_indices=self.tid2eid[token_ids],
         )
 
-    def forward(self, input: torch.Tensor, token_ids: torch.Tensor):
-        """input [seq, batch, hidden], token_ids [seq, batch] -> (probs, routing_map)."""
+    def forward(
+        self,
+        input: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+    ):
+        """input [seq, batch, hidden], token_ids [seq, batch] -> (probs, routing_map).
+
+        `padding_mask` is Megatron-Core's router argument; it only masks load-balancing
+        statistics, which hash-routed layers do not have, so it changes nothing here."""
         if token_ids is None:
             raise ValueError(
                 "HashRouter needs the token ids: pass token_ids through the block and layer forward"

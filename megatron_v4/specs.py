@@ -18,13 +18,21 @@ from __future__ import annotations
 import dataclasses
 from functools import partial
 
+from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_v4.attention import get_dsv4_attention_spec
+from megatron_v4.attention import (
+    DeepSeekV4HybridSelfAttention,
+    DeepSeekV4HybridSelfAttentionSubmodules,
+    GroupedColumnParallelLinear,
+)
+from megatron_v4.compressor import DeepSeekV4Compressor, DeepSeekV4CompressorSubmodules, ReplicatedLinear
 from megatron_v4.config import SLIDING, DeepSeekV4TransformerConfig
+from megatron_v4.indexer import DeepSeekV4Indexer, DeepSeekV4IndexerSubmodules
 from megatron_v4.layer import (
     DeepSeekV4BlockSubmodules,
     DeepSeekV4LayerSubmodules,
@@ -36,18 +44,12 @@ from megatron_v4.mtp import DeepSeekV4MTPBlockSubmodules, DeepSeekV4MTPLayer, De
 from megatron_v4.router import HashRouter
 
 
-def _transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def _resolve_use_te(use_te: bool | None) -> bool:
+    """The one place that decides between Transformer Engine and local modules: Megatron-Core's own
+    `HAVE_TE` (Transformer Engine imports and is usable) unless the caller chose."""
     if use_te is None:
-        return _transformer_engine_available()
-    if use_te and not _transformer_engine_available():
+        return HAVE_TE
+    if use_te and not HAVE_TE:
         raise ImportError("use_te=True needs transformer_engine; install it or pass use_te=False")
     return use_te
 
@@ -63,6 +65,65 @@ def _backend(use_te: bool) -> BackendSpecProvider:
     from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
     return TESpecProvider()
+
+
+def get_dsv4_attention_spec(use_te: bool | None = None) -> ModuleSpec:
+    """ModuleSpec of DeepSeekV4HybridSelfAttention with its compressor and indexer.
+
+    The parameter names are the same with Transformer Engine modules and with Megatron-Core's
+    local ones. The grouped output projection is this package's own module in both cases.
+    """
+    if _resolve_use_te(use_te):
+        from megatron.core.extensions.transformer_engine import (
+            TEColumnParallelLinear,
+            TELinear,
+            TENorm,
+            TERowParallelLinear,
+        )
+
+        replicated_linear, column_parallel_linear, row_parallel_linear, norm = (
+            TELinear,
+            TEColumnParallelLinear,
+            TERowParallelLinear,
+            TENorm,
+        )
+    else:
+        replicated_linear, column_parallel_linear, row_parallel_linear, norm = (
+            ReplicatedLinear,
+            ColumnParallelLinear,
+            RowParallelLinear,
+            RMSNorm,
+        )
+
+    def compressor_spec() -> ModuleSpec:
+        return ModuleSpec(
+            module=DeepSeekV4Compressor,
+            submodules=DeepSeekV4CompressorSubmodules(
+                linear_kv=replicated_linear, linear_gate=replicated_linear, norm=norm
+            ),
+        )
+
+    return ModuleSpec(
+        module=DeepSeekV4HybridSelfAttention,
+        submodules=DeepSeekV4HybridSelfAttentionSubmodules(
+            linear_q_down_proj=replicated_linear,
+            q_layernorm=norm,
+            linear_q_up_proj=column_parallel_linear,
+            linear_kv=replicated_linear,
+            kv_layernorm=norm,
+            linear_o_down_proj=GroupedColumnParallelLinear,
+            linear_proj=row_parallel_linear,
+            compressor=compressor_spec(),
+            indexer=ModuleSpec(
+                module=DeepSeekV4Indexer,
+                submodules=DeepSeekV4IndexerSubmodules(
+                    linear_q_up_proj=column_parallel_linear,
+                    linear_weights_proj=column_parallel_linear,
+                    compressor=compressor_spec(),
+                ),
+            ),
+        ),
+    )
 
 
 def _moe_builder(config: DeepSeekV4TransformerConfig, use_te: bool, hash_routed: bool):

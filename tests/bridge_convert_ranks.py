@@ -7,6 +7,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 import megatron_v4
+from megatron_v4.model import pipeline_micro_batch_size
 from bridge.convert import load_megatron_model
 
 
@@ -35,7 +36,7 @@ def outputs_at(layout: dict, mcore_dir: str, input_ids: torch.Tensor, config_ove
                 model=[model],
                 num_microbatches=1,
                 seq_length=input_ids.shape[1],
-                micro_batch_size=input_ids.shape[0] * model.config.hc_mult,
+                micro_batch_size=pipeline_micro_batch_size(model.config, input_ids.shape[0]),
                 forward_only=True,
             )
         if parallel_state.is_pipeline_last_stage():

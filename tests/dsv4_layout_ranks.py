@@ -23,7 +23,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 
 import megatron_v4
 from megatron_v4.config import DeepSeekV4TransformerConfig
-from megatron_v4.model import DeepSeekV4Model
+from megatron_v4.model import DeepSeekV4Model, pipeline_micro_batch_size
 from megatron_v4.specs import get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
 from layout_slicing import dsv4_global_name, shard, unshard
 
@@ -210,7 +210,7 @@ def train(
                 model=ddp_chunks,
                 num_microbatches=num_microbatches,
                 seq_length=SEQ,
-                micro_batch_size=config.hc_mult,
+                micro_batch_size=pipeline_micro_batch_size(config, 1),
                 forward_only=False,
             )
             if step == 0:

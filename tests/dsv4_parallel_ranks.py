@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 import megatron_v4
-from megatron_v4.model import DeepSeekV4Model
+from megatron_v4.model import DeepSeekV4Model, pipeline_micro_batch_size
 from megatron_v4.specs import get_dsv4_decoder_block_spec
 from layout_slicing import dsv4_global_name, shard, unshard
 from test_model_parity import (
@@ -90,7 +90,7 @@ def pipeline_step(config_index: int, seq: int, num_microbatches: int) -> dict:
             model=[model],
             num_microbatches=num_microbatches,
             seq_length=seq,
-            micro_batch_size=MICRO_BATCH * config.hc_mult,
+            micro_batch_size=pipeline_micro_batch_size(config, MICRO_BATCH),
             forward_only=False,
         )
 

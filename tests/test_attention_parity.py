@@ -22,7 +22,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
 )
 
 import megatron_v4
-from megatron_v4.attention import get_dsv4_attention_spec
+from megatron_v4.specs import get_dsv4_attention_spec
 from megatron_v4.config import DeepSeekV4TransformerConfig
 from transformers_names import ATTENTION_NAMES
 

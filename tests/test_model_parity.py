@@ -6,7 +6,8 @@ transformers' in-memory names to the Megatron-Core names of the contract;
 logits, loss and every parameter's gradient are compared (also under full
 activation recompute). The bfloat16 test compares our error to transformers'
 own bf16 error; the MTP test checks the MTP logits, loss and gradients against
-a formula-level reference of spec section 5. Also: distributed-checkpoint round
+a formula-level reference of the MTP layer as the DeepSeek-V4 report and
+the official inference code (`MTPBlock`) describe it. Also: distributed-checkpoint round
 trip, where the routing tables live, Megatron's balance-loss logging.
 """
 
@@ -342,6 +343,14 @@ def test_full_activation_recompute_matches_transformers(layout, method: str):
         recompute_num_layers=2,
     )
 
+def test_moe_recompute_matches_transformers(layout):
+    """Megatron-Core's own MoE recompute (recompute_modules=["moe"]) on hash-routed and learned layers:
+    the recomputed routing must see the same token ids in the backward."""
+    check_against_transformers(
+        CONFIGS[2], layout, (129,), "recompute-moe", recompute_granularity="selective", recompute_modules=["moe"]
+    )
+
+
 # ----------------------------------------------------------------------------- bfloat16
 def transformers_bf16(hf: DeepseekV4ForCausalLM, tmp_path) -> DeepseekV4ForCausalLM:
     """transformers' own bf16 model: loaded in bf16, keeping its `_keep_in_fp32_modules_strict` in fp32."""
@@ -377,7 +386,7 @@ def test_bf16_error_within_transformers_bf16_error(layout, tmp_path):
 
 # ----------------------------------------------------------------------------- MTP
 class ReferenceMTP(torch.nn.Module):
-    """Spec section 5 written out with transformers' modules: one MTP depth on top of `hf`."""
+    """The MTP layer (official inference code `MTPBlock`) written out with transformers' modules: one MTP depth on top of `hf`."""
 
     def __init__(self, hf: DeepseekV4ForCausalLM):
         super().__init__()

@@ -18,6 +18,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_v4.model import pipeline_micro_batch_size
+
 
 def forward_logits(
     model_chunks,
@@ -72,8 +74,7 @@ def forward_logits(
             model=chunks,
             num_microbatches=num_microbatches,
             seq_length=seq,
-            # Between stages the hc_mult streams travel as [seq, micro_batch * hc_mult, hidden].
-            micro_batch_size=micro_batch_size * config.hc_mult,
+            micro_batch_size=pipeline_micro_batch_size(config, micro_batch_size),
             forward_only=True,
             collect_non_loss_data=True,
         )

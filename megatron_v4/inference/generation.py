@@ -30,6 +30,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_v4.inference.decode_context import DeepSeekV4InferenceContext
+from megatron_v4.model import pipeline_micro_batch_size
 
 
 @dataclass
@@ -107,7 +108,7 @@ class _PipelineStage:
         batch, seq = input_ids.shape
         if not self.first:
             streams = torch.empty(
-                seq, batch * self.config.hc_mult, self.config.hidden_size,
+                seq, pipeline_micro_batch_size(self.config, batch), self.config.hidden_size,
                 dtype=self.config.params_dtype, device=input_ids.device,
             )
             dist.recv(streams, src=ps.get_pipeline_model_parallel_prev_rank())

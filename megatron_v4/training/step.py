@@ -10,6 +10,7 @@ from megatron.core.distributed import DistributedDataParallel, finalize_model_gr
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+from megatron_v4.model import pipeline_micro_batch_size
 from megatron_v4.training.data import DataOrder
 
 
@@ -46,15 +47,13 @@ def train_step(model, optimizer, scheduler, dataset, order: DataOrder, step: int
     grad_norm, lr, tokens."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     outputs = get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=order.micro_batches(dataset, step),
         model=[model],
         num_microbatches=order.num_microbatches,
         seq_length=seq_length,
-        # Between stages the hc_mult residual streams travel as [seq, batch * hc_mult, hidden].
-        micro_batch_size=order.micro_batch_size * (model.config.hc_mult if pipelined else 1),
+        micro_batch_size=pipeline_micro_batch_size(model.config, order.micro_batch_size),
         forward_only=False,
     )
     _, grad_norm, _ = optimizer.step()
