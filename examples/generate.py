@@ -25,24 +25,24 @@ Without `--hf` / `--mcore`, a tiny random checkpoint is written to `--tiny-dir`.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
 import sys
-import warnings
 
-import torch
-import torch.distributed as dist
-
-import megatron_v4
-from megatron_v4.inference import SamplingParams, generate
+from megatron_v4.runtime.command_line import (
+    ArgumentParser,
+    UsageError,
+    check_world_size,
+    existing_directory,
+    read_json,
+    run_main,
+)
 
 DEFAULT_TINY_DIR = "/tmp/dsv4-tiny-generate"
+RECORD_DIR = "dsv4_bridge"  # bridge.convert.RECORD_DIR, read here before the bridge is imported
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="generate.py", description=__doc__)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--hf", help="Hugging Face checkpoint directory (any of the three namings)")
     source.add_argument("--mcore", help="Megatron-Core checkpoint written by `python -m bridge import`")
@@ -72,128 +72,52 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.prompt is None and args.prompt_ids is None:
         args.prompt_ids = "1,2,3"
-    return args
+    return check_args(args)
 
 
-def _is_first_rank() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _checkpoint_dirs(args) -> tuple[str, str]:
-    """(directory of the weights, directory of the Hugging Face config / tokenizer)."""
+def check_args(args):
+    """Mistakes a user makes, answered before PyTorch and Megatron-Core are imported."""
+    check_world_size("examples/generate.py", tp=args.tp, pp=args.pp)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    config_dir = None
     if args.hf:
-        return args.hf, args.hf
-    if args.mcore:
-        from bridge.convert import RECORD_DIR
-
-        return args.mcore, os.path.join(args.mcore, RECORD_DIR)
-    if _is_first_rank() and not os.path.exists(os.path.join(args.tiny_dir, "config.json")):
-        from bridge import make_tiny_checkpoint
-
-        make_tiny_checkpoint(args.tiny_dir, flavour="official", with_mtp=False)
-    dist.barrier()
-    return args.tiny_dir, args.tiny_dir
-
-
-def _load_model(args, weights_dir: str, dtype: torch.dtype):
-    # One new token cannot be split over the TP ranks: decode runs without sequence parallelism.
-    if args.mcore:
-        from bridge.convert import load_megatron_model
-
-        return load_megatron_model(weights_dir, dtype=dtype, sequence_parallel=False).eval()
-    from bridge import AutoBridge
-
-    return AutoBridge.from_hf_pretrained(weights_dir).to_megatron_model(dtype=dtype, sequence_parallel=False)[0].eval()
-
-
-def _tokenizer(path: str | None):
-    if path is None:
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
-
-
-def _prompt_ids(args, tokenizer) -> list[int]:
+        config_dir = existing_directory(args.hf, "--hf")
+    elif args.mcore:
+        existing_directory(args.mcore, "--mcore", expect=None)
+        config_dir = existing_directory(os.path.join(args.mcore, RECORD_DIR), "--mcore")
+    if args.tokenizer:
+        existing_directory(args.tokenizer, "--tokenizer", expect=None)
     if args.prompt_ids is not None:
         try:
-            return [int(token) for token in args.prompt_ids.split(",") if token.strip()]
+            args.prompt_token_ids = [int(token) for token in args.prompt_ids.split(",") if token.strip()]
         except ValueError:
-            raise SystemExit(f"--prompt-ids {args.prompt_ids!r}: give comma-separated integers, e.g. 1,2,3")
-    if tokenizer is None:
-        raise SystemExit("--prompt needs a tokenizer: the checkpoint has none; pass --tokenizer DIR or --prompt-ids")
-    if getattr(tokenizer, "chat_template", None) and not args.raw_prompt:
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        return list(encoded["input_ids"])
-    return tokenizer(args.prompt)["input_ids"]
-
-
-def _eos_token_id(config_dir: str, tokenizer) -> int | None:
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        return tokenizer.eos_token_id
-    try:
-        with open(os.path.join(config_dir, "config.json")) as f:
-            eos = json.load(f).get("eos_token_id")
-    except OSError:
-        return None
-    return eos[0] if isinstance(eos, list) else eos
+            raise UsageError(f"--prompt-ids {args.prompt_ids!r}: give comma-separated integers, e.g. 1,2,3")
+        if not args.prompt_token_ids:
+            raise UsageError("--prompt-ids is empty; give comma-separated integers, e.g. 1,2,3")
+        if config_dir:
+            config = read_json(os.path.join(config_dir, "config.json"), "config.json")
+            vocab = config.get("vocab_size")
+            bad = [t for t in args.prompt_token_ids if vocab and not 0 <= t < vocab]
+            if bad:
+                raise UsageError(f"--prompt-ids: token id {bad[0]} is outside the vocabulary 0..{vocab - 1}")
+            longest = config.get("max_position_embeddings")
+            if longest and len(args.prompt_token_ids) + args.max_new_tokens > longest:
+                raise UsageError(
+                    f"{len(args.prompt_token_ids)} prompt tokens + --max-new-tokens {args.max_new_tokens} exceed "
+                    f"max_position_embeddings {longest}; shorten the prompt or generate fewer tokens"
+                )
+    return args
 
 
 def main(argv=None) -> dict:
     """Run the command line; returns {"tokens", "text", "prefill_seconds", "decode_tokens_per_second"}."""
     args = parse_args(argv)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
-    dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    megatron_v4.initialize(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, seed=args.seed)
-    try:
-        weights_dir, config_dir = _checkpoint_dirs(args)
-        tokenizer = _tokenizer(args.tokenizer or config_dir)
-        prompt = _prompt_ids(args, tokenizer)
-        model = _load_model(args, weights_dir, dtype)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        sampling = SamplingParams(
-            greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
-        )
-        result = generate(
-            model,
-            torch.tensor([prompt], dtype=torch.long, device=device),
-            args.max_new_tokens,
-            sampling,
-            use_cache=not args.no_cache,
-            keep_prefill_logits=args.save_logits is not None,
-            eos_token_id=None if args.ignore_eos else _eos_token_id(config_dir, tokenizer),
-        )
-        tokens = result.tokens[0].tolist()
-        text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
-        summary = {
-            "tokens": tokens,
-            "text": text,
-            "prefill_seconds": result.prefill_seconds,
-            "decode_tokens_per_second": result.decode_tokens_per_second,
-        }
-        if _is_first_rank():
-            mode = "full re-run per token" if args.no_cache else "decode cache"
-            print(f"prompt: {len(prompt)} tokens; new tokens ({len(tokens)}): {tokens}")
-            if text is not None:
-                print(f"text: {text}")
-            print(f"prefill {result.prefill_seconds:.3f} s ({len(prompt) / result.prefill_seconds:.1f} tokens/s); "
-                  f"decode ({mode}) {result.decode_tokens_per_second:.2f} tokens/s over {result.decode_steps} steps")
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"tokens": tokens, "text": text}, f)
-            if args.save_logits:
-                torch.save(result.prefill_logits[0].cpu(), args.save_logits)
-        return summary
-    finally:
-        megatron_v4.destroy()
+    # After the argument checks: importing PyTorch, Megatron-Core and transformers takes seconds.
+    from megatron_v4.inference.launch import run_generation
+
+    return run_generation(args)
 
 
 if __name__ == "__main__":
-    warnings.filterwarnings("ignore")
-    logging.getLogger("bridge").setLevel(logging.WARNING)
-    main(sys.argv[1:])
+    run_main("generate.py", lambda: main(sys.argv[1:]))

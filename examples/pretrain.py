@@ -18,27 +18,22 @@ and cosine decay, gradient clipping.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import resource
 import sys
-import time
 
-import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-import megatron_v4
-from megatron_v4 import training
-
-log = logging.getLogger("pretrain")
+from megatron_v4.runtime.command_line import (
+    ArgumentParser,
+    UsageError,
+    check_world_size,
+    existing_directory,
+    read_json,
+    run_main,
+    world_size,
+)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None):
+    p = ArgumentParser(prog="pretrain.py", description=__doc__)
     g = p.add_argument_group("parallel layout (world size = tp * pp * dp; ep divides dp * tp)")
     g.add_argument("--tp", type=int, default=1,
                    help="tensor parallel size; > 1 turns on sequence parallelism (Megatron-Core's MoE needs it)")
@@ -83,182 +78,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     g.add_argument("--exit-after", type=int, help="stop after this step (as if interrupted), saving first")
     g.add_argument("--log-interval", type=int, default=1)
-    return p.parse_args(argv)
+    return check_args(p.parse_args(argv))
 
 
-# --- set-up ----------------------------------------------------------------------------------------------
-def architecture(args):
-    """The architecture (a `bridge.DeepSeekV4HFConfig`) and the checkpoint to load model weights from."""
-    from bridge import read_hf_config
-    from bridge.tiny import TINY
-
+def check_args(args):
+    """Mistakes a user makes, answered before PyTorch and Megatron-Core are imported."""
+    check_world_size("examples/pretrain.py", tp=args.tp, pp=args.pp)
     if args.hf:
-        return read_hf_config(args.hf), None
+        existing_directory(args.hf, "--hf")
     if args.load:
-        resume = training.latest_checkpoint(args.load)
-        return training.read_architecture(resume or args.load), resume or args.load
+        existing_directory(args.load, "--load", expect=None)
     if args.arch:
-        return read_hf_config(args.arch), None
-    return TINY, None
-
-
-def model_config(args, arch, layout):
-    name = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
-    mtp = args.mtp_layers
-    if mtp is None and args.load and not training.latest_checkpoint(args.load):
-        mtp = training.checkpoint_mtp_layers(args.load)
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    return training.transformer_config(
-        arch,
-        dtype,
-        mtp_num_layers=mtp,
-        mtp_loss_scaling_factor=args.mtp_loss_scale,
-        moe_router_bias_update_rate=args.bias_update_rate,
-        moe_token_dispatcher_type=args.moe_dispatcher,
-        **(recompute if args.recompute else {}),
-    )
-
-
-def dataset(args, order: training.DataOrder, vocab_size: int):
-    num_samples = args.train_iters * order.global_batch_size
-    cache = args.data_cache
+        read_json(args.arch, "--arch")
     if args.tokenizer:
-        tokenizer = training.HFTokenizer(args.tokenizer)
-    elif args.text_file:
-        tokenizer = training.ByteTokenizer()
-    else:  # prepared or mock data: only the vocabulary size and an end-of-document id matter
-        tokenizer = training.VocabTokenizer(vocab_size)
-    if args.text_file:
-        cache = cache or os.path.dirname(os.path.abspath(args.text_file))
-        name = os.path.splitext(os.path.basename(args.text_file))[0] + "_tokens"
-        prefix = training.tokenise_to_indexed(args.text_file, tokenizer, os.path.join(cache, name))
-        kind = "indexed"
-    else:
-        prefix, kind = args.data_path, "indexed" if args.data_path else "mock"
-    if tokenizer.vocab_size > vocab_size:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}; "
-            "use a model with a larger vocab_size (--arch) or a smaller tokenizer"
+        existing_directory(args.tokenizer, "--tokenizer", expect=None)
+    if args.text_file and not os.path.isfile(args.text_file):
+        raise UsageError(f"--text-file {args.text_file}: no such file")
+    if args.data_path:
+        missing = [args.data_path + ext for ext in (".bin", ".idx") if not os.path.isfile(args.data_path + ext)]
+        if missing:
+            raise UsageError(
+                f"--data-path {args.data_path}: {' and '.join(missing)} not found; give the prefix of a "
+                "Megatron indexed dataset (PREFIX.bin and PREFIX.idx), or --text-file FILE"
+            )
+    if args.data_path and args.text_file:
+        raise UsageError("--data-path and --text-file both give the data; choose one")
+    dp = world_size() // (args.tp * args.pp)
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise UsageError(
+            f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size * dp = "
+            f"{args.micro_batch_size} * {dp}"
         )
-    return training.build_dataset(kind, num_samples, args.seq_length, tokenizer, args.seed, prefix, cache)
+    if not 0 <= args.warmup_iters < args.train_iters:
+        raise UsageError(f"--warmup-iters {args.warmup_iters} must be below --train-iters {args.train_iters}")
+    return args
 
 
-def memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-# --- training --------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> list[dict]:
     """Train; returns the metrics of every step this run made (the same on every rank)."""
     args = parse_args(argv)
-    sp = args.sp or args.tp > 1
-    layout = megatron_v4.initialize(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=sp, seed=args.seed)
-    try:
-        return _train(args, layout)
-    finally:
-        megatron_v4.destroy()
+    # After the argument checks: importing PyTorch and Megatron-Core takes seconds.
+    from megatron_v4.training.launch import pretrain
 
-
-def _train(args, layout) -> list[dict]:
-    if args.global_batch_size % (args.micro_batch_size * layout.dp):
-        raise ValueError(
-            f"--global-batch-size {args.global_batch_size} is not a multiple of micro-batch-size * dp = "
-            f"{args.micro_batch_size} * {layout.dp}"
-        )
-    if not 0 <= args.warmup_iters < args.train_iters:
-        raise ValueError(f"--warmup-iters {args.warmup_iters} must be below --train-iters {args.train_iters}")
-    order = training.DataOrder(
-        micro_batch_size=args.micro_batch_size,
-        num_microbatches=args.global_batch_size // (args.micro_batch_size * layout.dp),
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=layout.dp,
-    )
-    arch, weights = architecture(args)
-    config = model_config(args, arch, layout)
-    model, bare = training.build_model(config)
-
-    optimizer = training.build_optimizer(
-        model,
-        OptimizerConfig(
-            optimizer="adam",
-            lr=args.lr,
-            min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
-            adam_beta1=0.9,
-            adam_beta2=0.95,
-            adam_eps=1e-8,
-            clip_grad=args.clip_grad,
-            bf16=config.bf16,
-            params_dtype=config.params_dtype,
-            use_distributed_optimizer=True,
-        ),
-    )
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.warmup_iters,
-        lr_decay_steps=args.train_iters,
-        lr_decay_style="cosine",
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
-        wd_incr_style="constant",
-    )
-    training.prepare_for_training(model, optimizer)
-
-    start = 0
-    resume = training.latest_checkpoint(args.load) if args.load else None
-    if resume:
-        common = training.load_checkpoint(resume, bare, optimizer, scheduler)
-        start = common["step"]
-        if dist.get_rank() == 0:
-            log.info("resumed %s at step %d (%d samples consumed)", resume, start, common["consumed_samples"])
-    elif args.load:
-        training.load_model_weights(bare, args.load)
-        optimizer.reload_model_params()
-        if dist.get_rank() == 0:
-            log.info("model weights from %s", args.load)
-    elif args.hf:
-        from bridge import AutoBridge
-
-        AutoBridge.from_hf_pretrained(args.hf).load_hf_weights([bare])
-        optimizer.reload_model_params()
-        if dist.get_rank() == 0:
-            log.info("model weights from %s", args.hf)
-
-    data = dataset(args, order, config.vocab_size)
-    stop = args.train_iters if args.exit_after is None else min(args.train_iters, args.exit_after)
-    history = []
-    model.train()
-    for step in range(start, stop):
-        began = time.perf_counter()
-        metrics = training.train_step(model, optimizer, scheduler, data, order, step, args.seq_length)
-        metrics.update(step=step + 1, seconds=time.perf_counter() - began)
-        history.append(metrics)
-        if dist.get_rank() == 0 and (step + 1) % args.log_interval == 0:
-            mtp = "" if metrics["mtp_loss"] is None else f" | mtp loss {metrics['mtp_loss']:.4f}"
-            log.info(
-                "step %d/%d | loss %.4f%s | grad norm %.3f | lr %.2e | %.0f tokens/s | mem %.2f GB",
-                step + 1, args.train_iters, metrics["loss"], mtp, metrics["grad_norm"],
-                metrics["lr"], metrics["tokens"] / metrics["seconds"], memory_gb(),
-            )
-        done = step + 1
-        periodic = args.save_interval and done % args.save_interval == 0
-        if args.save and (periodic or done == stop):
-            path = training.save_checkpoint(
-                args.save, done, bare, optimizer, scheduler, arch, consumed_samples=done * order.global_batch_size
-            )
-            if dist.get_rank() == 0:
-                log.info("saved %s", path)
-    return history
+    return pretrain(args)
 
 
 if __name__ == "__main__":
+    import logging
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    main()
+    run_main("pretrain.py", lambda: main(sys.argv[1:]))

@@ -40,7 +40,7 @@ ALLOWED = {
     "model": {"model"},
     "runtime": {"runtime"},
     "bridge": {"bridge", "model", "runtime"},
-    "inference": {"inference", "model", "runtime"},
+    "inference": {"inference", "model", "runtime", "bridge"},
     "training": {"training", "inference", "model", "runtime", "bridge"},
 }
 

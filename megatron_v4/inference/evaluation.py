@@ -11,6 +11,9 @@ pass different ones).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -19,6 +22,28 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_v4.model import pipeline_micro_batch_size
+
+
+@contextlib.contextmanager
+def evaluation_mode(model_chunks) -> Iterator[None]:
+    """Every module of the chunks in eval mode for the duration, then back to the mode it arrived in
+    (a model fresh from `to_megatron_model` or a training loop is in train mode, where dropout and
+    Megatron-Core's MoE training checks apply)."""
+    modes = [(module, module.training) for chunk in model_chunks for module in chunk.modules()]
+    for chunk in model_chunks:
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse ids outside the vocabulary (an embedding lookup would fail deep inside the model)."""
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        bad = input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0].item()
+        raise ValueError(f"token id {bad} is outside the model's vocabulary 0..{vocab_size - 1}")
 
 
 def forward_logits(
@@ -30,7 +55,8 @@ def forward_logits(
     """input_ids [batch, seq] -> float32 logits [batch, seq, vocab] on every rank.
 
     model_chunks: this rank's model chunks (one `DeepSeekV4Model`, or a list of them
-    for interleaved pipelines; DDP/Float16Module wrappers are fine), in eval mode.
+    for interleaved pipelines; DDP/Float16Module wrappers are fine). They run in eval
+    mode and are returned in the mode they arrived in.
     micro_batch_size: sequences per pipeline micro-batch; defaults to the whole batch
     without pipeline parallelism and to 1 with it (so the stages overlap; an
     interleaved schedule needs at least `pp` micro-batches).
@@ -39,6 +65,7 @@ def forward_logits(
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     config = get_attr_wrapped_model(chunks[0], "config")
     batch, seq = input_ids.shape
+    check_token_ids(input_ids, get_attr_wrapped_model(chunks[0], "vocab_size"))
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if config.sequence_parallel and seq % tp:
@@ -66,7 +93,7 @@ def forward_logits(
         ids, positions = next(data_iterator)
         return model(ids, position_ids=positions), keep_logits
 
-    with torch.no_grad():
+    with torch.no_grad(), evaluation_mode(chunks):
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
             # Every chunk reads the token ids: the first embeds them, all route hash layers by them.

@@ -30,6 +30,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_v4.inference.decode_context import DeepSeekV4InferenceContext
+from megatron_v4.inference.evaluation import check_token_ids, evaluation_mode
 from megatron_v4.model import pipeline_micro_batch_size
 
 
@@ -147,8 +148,8 @@ def generate(
 ) -> GenerationResult:
     """Continue `prompt_ids` [batch, prompt] (same on every rank) by up to `max_new_tokens` tokens.
 
-    model: this rank's `DeepSeekV4Model` (or a one-element chunk list), in eval mode,
-    built with `sequence_parallel=False`. Stops early once every sequence has produced
+    model: this rank's `DeepSeekV4Model` (or a one-element chunk list), built with
+    `sequence_parallel=False`; it runs in eval mode and is returned in the mode it arrived in. Stops early once every sequence has produced
     `eos_token_id`. `keep_step_logits` keeps each step's last-position logits [batch, vocab]
     (for checking the cache against re-running the prefix).
     """
@@ -162,6 +163,21 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     sampling = sampling or SamplingParams()
+    batch, prompt_len = prompt_ids.shape
+    check_token_ids(prompt_ids, get_attr_wrapped_model(model, "vocab_size"))
+    longest = get_attr_wrapped_model(model, "max_sequence_length")
+    if prompt_len + max_new_tokens > longest:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's "
+            f"max_position_embeddings {longest}; shorten the prompt or lower max_new_tokens"
+        )
+    with evaluation_mode([model]):
+        return _generate(model, prompt_ids, max_new_tokens, sampling, use_cache, keep_prefill_logits,
+                         keep_step_logits, eos_token_id)
+
+
+def _generate(model, prompt_ids, max_new_tokens, sampling, use_cache, keep_prefill_logits, keep_step_logits,
+              eos_token_id) -> GenerationResult:
     stage = _PipelineStage(model)
     batch, prompt_len = prompt_ids.shape
     generator = torch.Generator().manual_seed(sampling.seed)

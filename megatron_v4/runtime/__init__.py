@@ -1,7 +1,21 @@
 """Running Megatron-Core: process groups and parallel state (`initialize`/`destroy`), the CPU patches
-that let Megatron-Core run on gloo without a GPU (`cpu_compat`), and the local rank harness
-(`run_on_ranks`) the tests use."""
+that let Megatron-Core run on gloo without a GPU (`cpu_compat`), the local rank harness
+(`run_on_ranks`) the tests use, and the command-line conventions of the tools (`command_line`,
+`quiet`). Loaded on first use, like the package facade."""
 
-from megatron_v4.runtime.parallel import ParallelLayout, destroy, initialize, layout
+import importlib
 
-__all__ = ["ParallelLayout", "destroy", "initialize", "layout"]
+_EXPORTS = {
+    "ParallelLayout": "megatron_v4.runtime.parallel",
+    "destroy": "megatron_v4.runtime.parallel",
+    "initialize": "megatron_v4.runtime.parallel",
+    "layout": "megatron_v4.runtime.parallel",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'megatron_v4.runtime' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

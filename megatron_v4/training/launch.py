@@ -1,0 +1,192 @@
+"""A DeepSeek-V4 training run as `examples/pretrain.py` launches it: the architecture and starting
+weights (random, a Hugging Face checkpoint, a `bridge import` output, or a training checkpoint to
+resume), Megatron-Core's DDP, distributed optimizer and LR schedule, the data, the step loop with its
+log line, and periodic checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from bridge import AutoBridge, read_hf_config
+from bridge.tiny import TINY
+from megatron_v4.runtime.parallel import destroy, initialize
+from megatron_v4.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_v4.training.data import ByteTokenizer, DataOrder, HFTokenizer, VocabTokenizer, build_dataset, tokenise_to_indexed
+from megatron_v4.training.model_setup import (
+    build_model,
+    build_optimizer,
+    checkpoint_mtp_layers,
+    load_model_weights,
+    read_architecture,
+    transformer_config,
+)
+from megatron_v4.training.step import prepare_for_training, train_step
+
+log = logging.getLogger("pretrain")
+
+
+def architecture(args):
+    """The architecture (a `bridge.DeepSeekV4HFConfig`) and the checkpoint to load model weights from."""
+    if args.hf:
+        return read_hf_config(args.hf), None
+    if args.load:
+        resume = latest_checkpoint(args.load)
+        return read_architecture(resume or args.load), resume or args.load
+    if args.arch:
+        return read_hf_config(args.arch), None
+    return TINY, None
+
+
+def model_config(args, arch, layout):
+    name = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    mtp = args.mtp_layers
+    if mtp is None and args.load and not latest_checkpoint(args.load):
+        mtp = checkpoint_mtp_layers(args.load)
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return transformer_config(
+        arch,
+        dtype,
+        mtp_num_layers=mtp,
+        mtp_loss_scaling_factor=args.mtp_loss_scale,
+        moe_router_bias_update_rate=args.bias_update_rate,
+        moe_token_dispatcher_type=args.moe_dispatcher,
+        **(recompute if args.recompute else {}),
+    )
+
+
+def dataset(args, order: DataOrder, vocab_size: int):
+    num_samples = args.train_iters * order.global_batch_size
+    cache = args.data_cache
+    if args.tokenizer:
+        tokenizer = HFTokenizer(args.tokenizer)
+    elif args.text_file:
+        tokenizer = ByteTokenizer()
+    else:  # prepared or mock data: only the vocabulary size and an end-of-document id matter
+        tokenizer = VocabTokenizer(vocab_size)
+    if args.text_file:
+        cache = cache or os.path.dirname(os.path.abspath(args.text_file))
+        name = os.path.splitext(os.path.basename(args.text_file))[0] + "_tokens"
+        prefix = tokenise_to_indexed(args.text_file, tokenizer, os.path.join(cache, name))
+        kind = "indexed"
+    else:
+        prefix, kind = args.data_path, "indexed" if args.data_path else "mock"
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}; "
+            "use a model with a larger vocab_size (--arch) or a smaller tokenizer"
+        )
+    return build_dataset(kind, num_samples, args.seq_length, tokenizer, args.seed, prefix, cache)
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def pretrain(args) -> list[dict]:
+    """Train as `examples/pretrain.py` asks (its parsed, checked arguments); returns the metrics of every
+    step this run made (the same on every rank)."""
+    sp = args.sp or args.tp > 1
+    layout = initialize(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=sp, seed=args.seed)
+    try:
+        return _train(args, layout)
+    finally:
+        destroy()
+
+
+def _train(args, layout) -> list[dict]:
+    order = DataOrder(
+        micro_batch_size=args.micro_batch_size,
+        num_microbatches=args.global_batch_size // (args.micro_batch_size * layout.dp),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=layout.dp,
+    )
+    arch, weights = architecture(args)
+    config = model_config(args, arch, layout)
+    model, bare = build_model(config)
+
+    optimizer = build_optimizer(
+        model,
+        OptimizerConfig(
+            optimizer="adam",
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            adam_eps=1e-8,
+            clip_grad=args.clip_grad,
+            bf16=config.bf16,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=True,
+        ),
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.warmup_iters,
+        lr_decay_steps=args.train_iters,
+        lr_decay_style="cosine",
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+    prepare_for_training(model, optimizer)
+
+    start = 0
+    resume = latest_checkpoint(args.load) if args.load else None
+    if resume:
+        common = load_checkpoint(resume, bare, optimizer, scheduler)
+        start = common["step"]
+        if dist.get_rank() == 0:
+            log.info("resumed %s at step %d (%d samples consumed)", resume, start, common["consumed_samples"])
+    elif args.load:
+        load_model_weights(bare, args.load)
+        optimizer.reload_model_params()
+        if dist.get_rank() == 0:
+            log.info("model weights from %s", args.load)
+    elif args.hf:
+        AutoBridge.from_hf_pretrained(args.hf).load_hf_weights([bare])
+        optimizer.reload_model_params()
+        if dist.get_rank() == 0:
+            log.info("model weights from %s", args.hf)
+
+    data = dataset(args, order, config.vocab_size)
+    stop = args.train_iters if args.exit_after is None else min(args.train_iters, args.exit_after)
+    history = []
+    model.train()
+    for step in range(start, stop):
+        began = time.perf_counter()
+        metrics = train_step(model, optimizer, scheduler, data, order, step, args.seq_length)
+        metrics.update(step=step + 1, seconds=time.perf_counter() - began)
+        history.append(metrics)
+        if dist.get_rank() == 0 and (step + 1) % args.log_interval == 0:
+            mtp = "" if metrics["mtp_loss"] is None else f" | mtp loss {metrics['mtp_loss']:.4f}"
+            log.info(
+                "step %d/%d | loss %.4f%s | grad norm %.3f | lr %.2e | %.0f tokens/s | mem %.2f GB",
+                step + 1, args.train_iters, metrics["loss"], mtp, metrics["grad_norm"],
+                metrics["lr"], metrics["tokens"] / metrics["seconds"], memory_gb(),
+            )
+        done = step + 1
+        periodic = args.save_interval and done % args.save_interval == 0
+        if args.save and (periodic or done == stop):
+            path = save_checkpoint(
+                args.save, done, bare, optimizer, scheduler, arch, consumed_samples=done * order.global_batch_size
+            )
+            if dist.get_rank() == 0:
+                log.info("saved %s", path)
+    return history
