@@ -90,7 +90,7 @@ def _checkpoint_dirs(args) -> tuple[str, str]:
     if _is_first_rank() and not os.path.exists(os.path.join(args.tiny_dir, "config.json")):
         from bridge import make_tiny_checkpoint
 
-        make_tiny_checkpoint(args.tiny_dir, flavour="official", with_mtp=False)
+        make_tiny_checkpoint(args.tiny_dir, naming="official", with_mtp=False)
     dist.barrier()
     return args.tiny_dir, args.tiny_dir
 
