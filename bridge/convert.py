@@ -387,8 +387,7 @@ def hf_reference_model(hf_dir: str | os.PathLike):
 
     Holds the whole model: for checking small checkpoints, not for the released ones.
     """
-    
-    from bridge.hf_config import transformers_config
+    from transformers import DeepseekV4ForCausalLM  # heavy: imported only when a reference is asked for
 
     source = HFSource(hf_dir)
     model = DeepseekV4ForCausalLM(transformers_config(source.config)).eval()
