@@ -137,8 +137,9 @@ class AutoBridge:
         return items
 
     def save_hf_pretrained(self, model, out_dir: str | os.PathLike, max_shard_bytes: int | None = None) -> str:
-        """Write the model, from any parallel layout, as an official checkpoint (official naming and config flavour, safetensors +
-        config.json). Call it on every rank: rank 0 receives the tensors one by one and writes."""
+        """Write the model, from any parallel layout, as an official checkpoint: safetensors with official
+        names and an official-flavour config.json. Call it on every rank: rank 0 receives the tensors one by
+        one and writes."""
         chunks = model_chunks(model)
         items = self.export_hf_weights(chunks, all_ranks=False)
         if dist.is_initialized() and dist.get_rank() != 0:

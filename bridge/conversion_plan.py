@@ -98,6 +98,10 @@ class Slice:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.dim)
 
 
+WHOLE = Slice()
+"""The share of a rank that holds a tensor whole."""
+
+
 def experts_per_rank(num_experts: int, ep_size: int) -> int:
     if num_experts % ep_size:
         divisors = [n for n in range(1, num_experts + 1) if num_experts % n == 0]
@@ -143,12 +147,12 @@ class TensorPlan:
         """The share a rank holds (routed experts split over the expert-tensor-parallel group)."""
         sharding = self.sharding
         if sharding.dim is None:
-            return Slice()
+            return WHOLE
         if sharding.by_expert:
             return Slice(sharding.dim, ranks.etp_rank, ranks.etp_size, sharding.glu)
         return Slice(sharding.dim, ranks.tp_rank, ranks.tp_size, sharding.glu)
 
-    def assemble(self, read: ReadShare, part: Slice = Slice(), dtype: torch.dtype | None = None) -> torch.Tensor:
+    def assemble(self, read: ReadShare, part: Slice = WHOLE, dtype: torch.dtype | None = None) -> torch.Tensor:
         """`part` of this tensor from its official sources (in `dtype`, if given).
 
         Each source's share is read once; fused sources are copied into place in one
@@ -207,8 +211,8 @@ class ConversionPlan:
             parts = pending.setdefault(plan.mcore, {})
             parts[name] = tensor
             if len(parts) == len(plan.official):
-                del pending[plan.mcore]
-                yield plan.mcore, plan.assemble(lambda official, _: parts[official])
+                ready = pending.pop(plan.mcore)
+                yield plan.mcore, plan.assemble(lambda official, _, ready=ready: ready[official])
         if pending:
             mcore_name, parts = next(iter(pending.items()))
             missing = [o for o in self.tensor(mcore_name).official if o not in parts]

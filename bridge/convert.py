@@ -4,9 +4,11 @@
     export_checkpoint(mcore_dir, hf_dir, dtype="source")     # or "bf16"
     verify(hf_dir, mcore_dir)                                # logits of both
 
-Import reads each Hugging Face tensor once, dequantises FP8/FP4, fuses w1/w3 and
-writes it straight into the Megatron-Core checkpoint (see `bridge.mcore_checkpoint`),
-so memory holds a few tensors, never the model. Beside the Megatron-Core files it
+Import reads each Hugging Face tensor once, dequantises FP8/FP4, assembles each
+Megatron-Core tensor from its official tensors as the conversion plan says
+(`bridge.conversion_plan`: w1/w3 copied into place in `linear_fc1`) and writes it
+straight into the Megatron-Core checkpoint (see `bridge.mcore_checkpoint`), so
+memory holds a few tensors, never the model. Beside the Megatron-Core files it
 writes `dsv4_bridge/`: the official-flavour `config.json` (enough to rebuild the
 model), `source.json` (each official tensor's stored format) and the original
 FP8/FP4 scales. Export reads the Megatron-Core tensors back in bounded groups and,

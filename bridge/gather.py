@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
 from megatron.core import parallel_state
 
 from bridge.conversion_plan import ConversionPlan, RankPosition, Slice, TensorPlan

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from bridge import pipeline
-from bridge.conversion_plan import Slice
+from bridge.conversion_plan import WHOLE, Slice
 from bridge.hf_config import DeepSeekV4HFConfig, read_hf_config
 from bridge.hf_naming import TRANSLATORS, detect_naming
 from bridge.quantisation import (
@@ -133,11 +133,11 @@ class HFSource:
         """(values, original scale or None): a quantised tensor's values in `dequantised_dtype`, else the stored tensor."""
         stored = self._stored(official)
         if stored.scale is None:
-            return self._read_stored(official, stored, Slice()), None
+            return self._read_stored(official, stored, WHOLE), None
         scale = self.checkpoint.get(stored.scale)
         return dequantise(self.checkpoint.get(stored.name), scale, stored.format, dequantised_dtype), scale
 
-    def read_share(self, official: str, part: Slice = Slice()) -> torch.Tensor:
+    def read_share(self, official: str, part: Slice = WHOLE) -> torch.Tensor:
         """`part` of official tensor `official`, reading only its bytes unless it is quantised."""
         stored = self._stored(official)
         if stored.scale is not None:
@@ -190,7 +190,7 @@ class InMemorySource:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def read_share(self, official: str, part: Slice = Slice()) -> torch.Tensor:
+    def read_share(self, official: str, part: Slice = WHOLE) -> torch.Tensor:
         tensor = self.tensors.get(official)
         if tensor is None:
             raise KeyError(f"the source has no tensor {official!r}")

@@ -51,11 +51,6 @@ class TensorHeader:
     """Absolute byte offset of its data in `file`."""
     end: int
 
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one index of the leading dim."""
-        return (self.end - self.begin) // self.shape[0] if self.shape and self.shape[0] else 0
-
 
 def _parse_header(file: str) -> dict[str, TensorHeader]:
     if not os.path.isfile(file):

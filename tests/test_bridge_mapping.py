@@ -12,9 +12,9 @@ from transformers import DeepseekV4ForCausalLM
 
 import megatron_v4
 from bridge import AutoBridge
+from bridge.conversion_plan import ConversionPlan, RankPosition
 from bridge.hf_config import read_hf_config
 from bridge.hf_naming import OFFICIAL, TRANSFORMERS_MODULE, TRANSFORMERS_SAVED, detect_naming
-from bridge.conversion_plan import ConversionPlan, RankPosition
 from bridge.mcore_naming import GROUPED_EXPERTS, MCoreNaming, UnknownTensorError
 from bridge.pipeline import dequantise, hf_from_mcore_state_dict, mcore_state_dict_from_hf
 from bridge.quantisation import E8M0

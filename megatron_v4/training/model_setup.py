@@ -13,7 +13,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.transformer.module import Float16Module
 
 from bridge.convert import RECORD_DIR
-from bridge.hf_config import read_hf_config, transformer_config  # the one HF architecture -> config mapping
+from bridge.hf_config import read_hf_config
+from bridge.hf_config import transformer_config as transformer_config  # training's config: the bridge's one mapping
 from megatron_v4.config import DeepSeekV4TransformerConfig
 from megatron_v4.model import DeepSeekV4Model
 
