@@ -97,6 +97,13 @@ class Slice:
             pieces.append(half.narrow(self.dim, self.rank * length, length))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.dim)
 
+    def joined(self, shares: list[torch.Tensor]) -> torch.Tensor:
+        """The full tensor from every rank's share, in rank order (the inverse of `of`)."""
+        if not self.glu:
+            return torch.cat(shares, dim=self.dim)
+        halves = [share.chunk(2, dim=self.dim) for share in shares]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=self.dim)
+
 
 WHOLE = Slice()
 """The share of a rank that holds a tensor whole."""

@@ -60,14 +60,6 @@ def _catalogue_key(tensor: TensorPlan, rule_order: dict) -> tuple:
     return section, values.get("layer", values.get("mtp", 0)), rule_order[match.rule], values.get("expert", 0)
 
 
-def _full_from_slices(parts: list[torch.Tensor], part: Slice) -> torch.Tensor:
-    if part.glu:
-        halves = [p.chunk(2, dim=part.dim) for p in parts]
-        return torch.cat([torch.cat([h[0] for h in halves], dim=part.dim),
-                          torch.cat([h[1] for h in halves], dim=part.dim)], dim=part.dim)
-    return torch.cat(parts, dim=part.dim)
-
-
 def _receive_buffer(holding: Holding) -> torch.Tensor:
     """An empty full tensor to receive `holding` into, where the backend communicates (GPU for NCCL)."""
     shape = list(holding.shape)
@@ -121,7 +113,7 @@ def gather_full_tensors(
             else:
                 parts = [torch.empty_like(local) for _ in holding.group]
                 dist.all_gather(parts, local.contiguous(), group=_group_of(entry))
-                full = _full_from_slices(parts, holding.slice)
+                full = holding.slice.joined(parts)
         if all_ranks:
             full = _receive_buffer(holding) if full is None else full.contiguous()
             dist.broadcast(full, src)
