@@ -9,7 +9,7 @@ split over ranks and the stored format of its sources. Every route of the bridge
 The plan is built from the naming tables of `bridge.mcore_naming`. A rule with two
 official names is SwiGLU's gate and up projections (`w1`, `w3` in DeepSeek's
 official inference code) concatenated on dim 0 into Megatron-Core's `linear_fc1`,
-the layout of Megatron-Core's `MLP` with `gated_linear_unit`. Tensor parallelism
+the order Megatron-Core's `MLP` with `gated_linear_unit` expects. Tensor parallelism
 splits each of the two halves on its own, so a rank holds [w1 part; w3 part].
 """
 

@@ -129,8 +129,11 @@ class HFSource:
             raise CheckpointError(f"tensor {official!r} is not in the checkpoint at {self.path}")
         return stored
 
-    def read(self, official: str, dequantised_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(values, original scale or None): a quantised tensor's values in `dequantised_dtype`, else the stored tensor."""
+    def read(
+        self, official: str, dequantised_dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(values, original scale or None): a quantised tensor's values in `dequantised_dtype`, else the stored
+        tensor."""
         stored = self._stored(official)
         if stored.scale is None:
             return self._read_stored(official, stored, WHOLE), None

@@ -45,7 +45,7 @@ Materialise = Callable[[str], torch.Tensor]
 """Model parameter name -> its full tensor (in the parameter's shape)."""
 
 
-# --- the model's checkpoint layout --------------------------------------------------------------------
+# --- the model's checkpoint keys and shapes -------------------------------------------------------------
 def build_meta_model(transformer_config):
     """`DeepSeekV4Model` on the meta device: every shape and checkpoint key, no storage, no initialisation.
 

@@ -1,7 +1,7 @@
 """The bridge's one safetensors reader and one safetensors writer.
 
 A checkpoint is a single `model.safetensors`, or shards listed by
-`model.safetensors.index.json` (the layout `transformers`' `save_pretrained` writes).
+`model.safetensors.index.json` (the files `transformers`' `save_pretrained` writes).
 A safetensors file is an 8-byte little-endian header length, a JSON header giving
 each tensor's dtype, shape and byte range, then the bytes
 (https://github.com/huggingface/safetensors#format).
@@ -160,7 +160,8 @@ class SafetensorsCheckpoint:
         with open(header.file, "rb", buffering=0) as f:
             for i, offset in enumerate(runs):
                 if os.preadv(f.fileno(), [view[i * run_bytes:(i + 1) * run_bytes]], offset) != run_bytes:
-                    raise SafetensorsError(f"tensor {name!r} in {header.file}: the file ends inside its data (truncated?)")
+                    raise SafetensorsError(
+                        f"tensor {name!r} in {header.file}: the file ends inside its data (truncated?)")
         if not buffer:
             return torch.empty(out_shape, dtype=header.dtype)
         return torch.frombuffer(buffer, dtype=torch.uint8).view(header.dtype).reshape(out_shape)
