@@ -6,10 +6,11 @@
     for name, tensor in bridge.export_hf_weights(model): ...        # full official tensors, on every rank
     bridge.save_hf_pretrained(model, "out/")                        # official safetensors + config.json
 
-Loading, each rank reads from the checkpoint only the tensors its chunks hold
-and only its slice of each (`bridge.rank_tensors`, `bridge.checkpoint_slices`).
-Exporting gathers the slices, experts and pipeline stages back one tensor at a
-time (`bridge.gather`), then `bridge.pipeline` splits and renames them.
+Loading, each rank asks the conversion plan (`bridge.conversion_plan`) which
+official tensors make each tensor it holds and which share of them it holds
+(`bridge.rank_tensors`), and reads only those shares. Exporting gathers the
+shares, experts and pipeline stages back one tensor at a time (`bridge.gather`),
+then the plan splits them into official tensors, renamed to the asked naming.
 """
 
 from __future__ import annotations
@@ -21,44 +22,36 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from bridge import pipeline
-from bridge.checkpoint_slices import checkpoint_slices
+from bridge.conversion_plan import ConversionPlan, RankPosition
 from bridge.gather import gather_full_tensors
-from bridge.hf_config import DeepSeekV4HFConfig, read_hf_config, transformer_config_kwargs, write_official_config
-from bridge.hf_naming import OFFICIAL, detect_naming
-from bridge.hf_source import HFSource
-from bridge.mcore_naming import MCoreNaming, detect_expert_layout
-from bridge.pipeline import RankPosition
-from bridge.rank_tensors import RankTensor, model_chunks, rank_tensors
+from bridge.hf_config import read_hf_config, transformer_config, write_official_config
+from bridge.hf_naming import OFFICIAL
+from bridge.hf_source import HFSource, InMemorySource, carried_mtp_layers
+from bridge.mcore_naming import detect_expert_form
+from bridge.rank_tensors import model_chunks, rank_tensors
 from bridge.safetensors_io import write_safetensors
+from megatron_v4.model import DeepSeekV4Model
 
-MTP_PREFIX = "mtp."
 logger = logging.getLogger(__name__)
 
 
-class StateDictWeights:
-    """The tensors of an in-memory model (e.g. a `DeepseekV4ForCausalLM`), in the source's weight API."""
-
-    def __init__(self, module: torch.nn.Module):
-        self._state = module.state_dict()
-
-    def names(self) -> list[str]:
-        return list(self._state)
-
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        return iter(self._state.items())
+def _plan_of(chunks) -> ConversionPlan:
+    return ConversionPlan(detect_expert_form(chunks[0].state_dict()))
 
 
 class AutoBridge:
     """One DeepSeek-V4 Hugging Face checkpoint (or model) and how to build and fill its Megatron-Core twin."""
 
-    def __init__(self, config: DeepSeekV4HFConfig, weights, naming: str):
-        self.config = config
-        self.weights = weights
-        self.naming = naming
+    def __init__(self, source: HFSource | InMemorySource):
+        self.source = source
+        self.config = source.config
+        self.naming = source.naming
         """Which Hugging Face naming the weights use: official, transformers-saved or transformers-module."""
-        self.has_mtp = any(name.startswith(MTP_PREFIX) for name in weights.names())
+        self.mtp_num_layers = carried_mtp_layers(source.config, source.names())
+        """MTP layers the Megatron model gets: the config's, if the checkpoint carries their weights."""
 
     def __repr__(self) -> str:
         c = self.config
@@ -71,38 +64,17 @@ class AutoBridge:
     def from_hf_pretrained(cls, source) -> AutoBridge:
         """From a checkpoint directory of any naming, or an in-memory `DeepseekV4ForCausalLM`."""
         if isinstance(source, torch.nn.Module):
-            config = read_hf_config(source.config.to_diff_dict())
-            weights = StateDictWeights(source)
-            naming = detect_naming(weights.names())
+            weights = InMemorySource(source.state_dict(), read_hf_config(source.config.to_diff_dict()))
         else:
             weights = HFSource(source)
-            config, naming = weights.config, weights.naming
-        bridge = cls(config, weights, naming)
+        bridge = cls(weights)
         logger.info("DeepSeek-V4 weights found: %r", bridge)
         return bridge
 
     # --- Megatron-Core side ------------------------------------------------------------------------
-    @property
-    def mtp_num_layers(self) -> int:
-        """MTP layers the Megatron model gets: the config's, if the checkpoint carries their weights."""
-        return self.config.num_nextn_predict_layers if self.has_mtp else 0
-
     def transformer_config(self, dtype: torch.dtype = torch.bfloat16, **overrides):
         """The `DeepSeekV4TransformerConfig` of this checkpoint for the current parallel layout."""
-        import megatron_v4
-        from megatron_v4.config import DeepSeekV4TransformerConfig
-
-        kwargs = transformer_config_kwargs(self.config, mtp_num_layers=self.mtp_num_layers)
-        kwargs.update(megatron_v4.layout().config_kwargs())
-        kwargs.update(
-            params_dtype=dtype,
-            pipeline_dtype=dtype,
-            bf16=dtype == torch.bfloat16,
-            fp16=dtype == torch.float16,
-            use_cpu_initialization=not torch.cuda.is_available(),
-        )
-        kwargs.update(overrides)
-        return DeepSeekV4TransformerConfig(**kwargs)
+        return transformer_config(self.config, dtype, mtp_num_layers=self.mtp_num_layers, **overrides)
 
     def to_megatron_model(self, dtype: torch.dtype = torch.bfloat16, load_weights: bool = True, **config_overrides):
         """Build this rank's `DeepSeekV4Model` chunk(s) for the current layout and load their weights.
@@ -110,17 +82,13 @@ class AutoBridge:
         Call `megatron_v4.initialize()` first. Returns the list of model chunks, as Megatron-Core's
         `get_model` does: one per virtual pipeline stage (one without virtual stages).
         """
-        from megatron.core import parallel_state as ps
-
-        from megatron_v4.model import DeepSeekV4Model
-
         config = self.transformer_config(dtype=dtype, **config_overrides)
-        vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+        vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
         chunks = [
             DeepSeekV4Model(
                 config,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 vp_stage=vp_stage,
             )
             for vp_stage in (range(vpp) if vpp else [None])
@@ -133,18 +101,17 @@ class AutoBridge:
         return chunks
 
     def load_hf_weights(self, model) -> None:
-        """Fill this rank's model chunk(s) from the checkpoint, reading only the tensors and slices they hold."""
+        """Fill this rank's model chunk(s) from the checkpoint, reading only the tensors and shares they hold."""
         chunks = model_chunks(model)
-        mcore = MCoreNaming(detect_expert_layout(chunks[0].state_dict()))
-        source = checkpoint_slices(self.weights, self.naming)
+        plan = _plan_of(chunks)
         ranks = RankPosition.current()
         with torch.no_grad():
             for chunk in chunks:
-                for entry, target in rank_tensors(chunk, mcore, self.config.num_routed_experts, ranks):
-                    value = _read_share(source, entry)
+                for entry, target in rank_tensors(chunk, plan, self.config.num_routed_experts, ranks):
+                    value = entry.plan.assemble(self.source.read_share, entry.slice)
                     if tuple(value.shape) != tuple(target.shape):
                         raise ValueError(
-                            f"{entry.local_name} (checkpoint {entry.match.official_names}): the checkpoint gives "
+                            f"{entry.local_name} (checkpoint {entry.plan.official}): the checkpoint gives "
                             f"shape {tuple(value.shape)} but the model has {tuple(target.shape)}; "
                             "does the config match the checkpoint?"
                         )
@@ -162,16 +129,17 @@ class AutoBridge:
         tensor is gathered by collectives (see `bridge.gather`).
         """
         chunks = model_chunks(model)
-        mcore = MCoreNaming(detect_expert_layout(chunks[0].state_dict()))
-        items = gather_full_tensors(chunks, mcore, self.config.num_routed_experts, all_ranks=all_ranks)
-        items = pipeline.split(items, mcore)
+        plan = _plan_of(chunks)
+        items = gather_full_tensors(chunks, plan, self.config.num_routed_experts, all_ranks=all_ranks)
+        items = plan.split(items)
         if naming != OFFICIAL:
             items = pipeline.from_official(items, naming, self.config.num_routed_experts)
         return items
 
     def save_hf_pretrained(self, model, out_dir: str | os.PathLike, max_shard_bytes: int | None = None) -> str:
-        """Write the model, from any parallel layout, as an official-flavour checkpoint (safetensors +
-        config.json). Call it on every rank: rank 0 receives the tensors one by one and writes."""
+        """Write the model, from any parallel layout, as an official checkpoint: safetensors with official
+        names and an official-flavour config.json. Call it on every rank: rank 0 receives the tensors one by
+        one and writes."""
         chunks = model_chunks(model)
         items = self.export_hf_weights(chunks, all_ranks=False)
         if dist.is_initialized() and dist.get_rank() != 0:
@@ -188,16 +156,3 @@ class AutoBridge:
         if dist.is_initialized():
             dist.barrier()  # the checkpoint is complete when any rank returns
         return os.fspath(out_dir)
-
-
-def _read_share(source, entry: RankTensor) -> torch.Tensor:
-    """This rank's share of one Megatron-Core tensor, read from its official tensor(s).
-
-    A fused tensor ([w1; w3]) is its parts' shares stacked on dim 0, which is what a
-    glu split expects: [w1 part; w3 part].
-    """
-    officials = entry.match.official_names
-    part = dataclasses.replace(entry.slice, glu=False)
-    if len(officials) == 1:
-        return source.read(officials[0], part)
-    return torch.cat([source.read(official, part) for official in officials], dim=0)

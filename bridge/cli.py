@@ -19,6 +19,8 @@ import warnings
 
 import torch
 
+from bridge import convert
+
 IMPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 EXIT_FAILED = 1
 EXIT_MISMATCH = 3
@@ -58,8 +60,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bridge import convert
-
     if args.command == "import":
         report = convert.import_checkpoint(args.hf, args.out, IMPORT_DTYPES[args.dtype], args.force,
                                            progress=not args.quiet)

@@ -4,9 +4,11 @@
     export_checkpoint(mcore_dir, hf_dir, dtype="source")     # or "bf16"
     verify(hf_dir, mcore_dir)                                # logits of both
 
-Import reads each Hugging Face tensor once, dequantises FP8/FP4, fuses w1/w3 and
-writes it straight into the Megatron-Core checkpoint (see `bridge.mcore_checkpoint`),
-so memory holds a few tensors, never the model. Beside the Megatron-Core files it
+Import reads each Hugging Face tensor once, dequantises FP8/FP4, assembles each
+Megatron-Core tensor from its official tensors as the conversion plan says
+(`bridge.conversion_plan`: w1/w3 copied into place in `linear_fc1`) and writes it
+straight into the Megatron-Core checkpoint (see `bridge.mcore_checkpoint`), so
+memory holds a few tensors, never the model. Beside the Megatron-Core files it
 writes `dsv4_bridge/`: the official-flavour `config.json` (enough to rebuild the
 model), `source.json` (each official tensor's stored format) and the original
 FP8/FP4 scales. Export reads the Megatron-Core tensors back in bounded groups and,
@@ -20,17 +22,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import save_file
+from megatron.core import dist_checkpointing, parallel_state
 
-from bridge import pipeline
-from bridge.auto_bridge import AutoBridge
-from bridge.hf_config import read_hf_config, write_official_config
-from bridge.hf_naming import OFFICIAL, TRANSFORMERS_MODULE, TRANSLATORS
-from bridge.hf_source import CheckpointError, HFSource, scale_name
+from bridge.conversion_plan import ConversionPlan, TensorPlan
+from bridge.hf_config import (
+    DeepSeekV4HFConfig,
+    read_hf_config,
+    transformer_config,
+    transformers_config,
+    write_official_config,
+)
+from bridge.hf_naming import TRANSFORMERS_MODULE, TRANSLATORS
+from bridge.hf_source import CheckpointError, HFSource, carried_mtp_layers
 from bridge.mcore_checkpoint import (
     CheckpointReader,
     build_meta_model,
@@ -38,17 +46,18 @@ from bridge.mcore_checkpoint import (
     with_dtypes,
     write_checkpoint,
 )
-from bridge.mcore_naming import MCoreNaming, detect_expert_layout
+from bridge.mcore_naming import detect_expert_form
 from bridge.output_dir import atomic_output_dir
 from bridge.progress import Progress
-from bridge.quantisation import FP4, SourceFormat, dtype_name, requantise
-from bridge.safetensors_io import INDEX_FILE, SafetensorsCheckpoint
-from bridge.safetensors_stream import PlannedTensor, StreamingSafetensorsWriter
+from bridge.quantisation import FP4, SourceFormat, dtype_name, requantise, scale_name
+from bridge.safetensors_io import PlannedTensor, SafetensorsCheckpoint, SafetensorsWriter
+from megatron_v4.model import DeepSeekV4Model
+from megatron_v4.runtime import destroy, initialize
 
 RECORD_DIR = "dsv4_bridge"
 RECORD_FILE = "source.json"
 SCALES_DIR = "scales"
-RECORD_FORMAT = "megatron_v4.bridge.source/1"
+RECORD_FORMAT = "megatron_v4.bridge.source/2"
 EXPORT_DTYPES = ("source", "bf16")
 READ_GROUP_BYTES = 256 << 20
 """Export reads Megatron-Core tensors in groups of about this size (one DCP read per group)."""
@@ -64,7 +73,7 @@ class SourceRecord:
     dtype: str
     """The `--dtype` of the import: the Megatron-Core model's params dtype."""
     mtp_num_layers: int
-    expert_layout: str
+    expert_form: str
     tensors: dict[str, SourceFormat] = field(default_factory=dict)
 
     def save(self, directory: str) -> None:
@@ -91,46 +100,27 @@ class SourceRecord:
 
 
 class _ScaleShards:
-    """Original FP8/FP4 scales, written to safetensors shards as they arrive (bounded memory)."""
+    """Original FP8/FP4 scales, written as they arrive (bounded memory); no folder when there are none."""
 
     def __init__(self, directory: str, max_shard_bytes: int = 256 << 20):
         self.directory, self.max_shard_bytes = directory, max_shard_bytes
-        self.shard: dict[str, torch.Tensor] = {}
-        self.shard_bytes = 0
-        self.weight_map: dict[str, str] = {}
-        self.files = 0
+        self.writer: SafetensorsWriter | None = None
 
-    def add(self, name: str, scale: torch.Tensor) -> None:
-        self.shard[name] = scale.contiguous()
-        self.shard_bytes += scale.numel() * scale.element_size()
-        if self.shard_bytes >= self.max_shard_bytes:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.shard:
-            return
-        os.makedirs(self.directory, exist_ok=True)
-        self.files += 1
-        file = f"scales-{self.files:05d}.safetensors"
-        save_file(self.shard, os.path.join(self.directory, file))
-        self.weight_map.update(dict.fromkeys(self.shard, file))
-        self.shard, self.shard_bytes = {}, 0
+    def write(self, name: str, scale: torch.Tensor) -> None:
+        if self.writer is None:
+            self.writer = SafetensorsWriter(self.directory, self.max_shard_bytes)
+        self.writer.write(name, scale)
 
     def close(self) -> None:
-        self._flush()
-        if self.weight_map:
-            with open(os.path.join(self.directory, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {}, "weight_map": self.weight_map}, f, indent=1, sort_keys=True)
+        if self.writer is not None:
+            self.writer.close()
 
 
 # --- a world of one rank ----------------------------------------------------------------------------
 @contextlib.contextmanager
 def _single_rank():
     """Megatron-Core's parallel state for one rank: the caller's (if it is one rank) or a fresh one."""
-    from megatron.core import parallel_state as ps
-
-    import megatron_v4
-
+    ps = parallel_state
     if ps.model_parallel_is_initialized():
         sizes = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                  ps.get_expert_model_parallel_world_size())
@@ -138,26 +128,19 @@ def _single_rank():
             raise RuntimeError(f"conversion runs on one rank; this process is set up with tp, pp, ep = {sizes}")
         yield
         return
-    megatron_v4.initialize()
+    initialize()
     try:
         yield
     finally:
-        megatron_v4.destroy()
+        destroy()
 
 
-def _meta_layout(bridge: AutoBridge, dtype: torch.dtype):
-    """(meta model's sharded state dict, its parameter sharding, Megatron-Core naming) at tp=pp=ep=1."""
-    meta = build_meta_model(bridge.transformer_config(dtype=dtype))
+def _meta_model(config: DeepSeekV4HFConfig, dtype: torch.dtype, mtp_num_layers: int) -> tuple[dict, dict, str]:
+    """(meta model's sharded state dict, its parameter sharding, its expert form) at tp=pp=ep=1."""
+    meta = build_meta_model(transformer_config(config, dtype, mtp_num_layers=mtp_num_layers))
     sharded = meta.sharded_state_dict()
     sharding = parameter_sharding(sharded)
-    return sharded, sharding, MCoreNaming(detect_expert_layout(sharding))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+    return sharded, sharding, detect_expert_form(sharding)
 
 
 # --- import -----------------------------------------------------------------------------------------
@@ -180,14 +163,15 @@ def import_checkpoint(
 ) -> ImportReport:
     """Hugging Face checkpoint (any naming, config flavour, FP8/FP4 or not) -> Megatron-Core `torch_dist`."""
     source = HFSource(hf_dir)
-    bridge = AutoBridge(source.config, source, OFFICIAL)
+    mtp_num_layers = carried_mtp_layers(source.config, source.names())
     with _single_rank():
-        sharded, sharding, mcore = _meta_layout(bridge, dtype)
-        plan = _import_plan(source, sharding, mcore)
-        sharded = with_dtypes(sharded, {name: dtype for name, (_, dtype) in plan.items()})
+        sharded, sharding, expert_form = _meta_model(source.config, dtype, mtp_num_layers)
+        plan = ConversionPlan(expert_form, {name: stored.format for name, stored in source.tensors.items()})
+        tensors = _import_plan(source, sharding, plan)
+        sharded = with_dtypes(sharded, {name: dtype for name, (_, dtype) in tensors.items()})
         sharding = parameter_sharding(sharded)
-        order = sorted(plan, key=lambda name: _reading_position(source, plan[name][0]))
-        total = sum(source.stored_bytes(o) for sources, _ in plan.values() for o in sources)
+        order = sorted(tensors, key=lambda name: _reading_position(source, tensors[name][0]))
+        total = sum(source.stored_bytes(o) for tensor, _ in tensors.values() for o in tensor.official)
         bar = Progress("import", len(source.names()), total, enabled=progress)
         with atomic_output_dir(out_dir, force) as tmp:
             record_dir = os.path.join(tmp, RECORD_DIR)
@@ -195,19 +179,19 @@ def import_checkpoint(
             scales = _ScaleShards(os.path.join(record_dir, SCALES_DIR))
 
             def materialise(name: str) -> torch.Tensor:
-                sources, stored_dtype = plan[name]
-                pieces = []
-                for official in sources:
+                tensor, stored_dtype = tensors[name]
+
+                def read(official: str, _) -> torch.Tensor:
                     wanted = stored_dtype if stored_dtype.is_floating_point else torch.float32
                     values, scale = source.read(official, wanted)
                     if scale is not None:
-                        scales.add(scale_name(official), scale)
-                    pieces.append(_cast(official, values, stored_dtype))
+                        scales.write(scale_name(official), scale)
                     bar.update(source.stored_bytes(official))
-                full = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
-                return full.reshape(sharding[name].data.shape)
+                    return _cast(official, values, stored_dtype)
 
-            written = Progress("written", len(plan), 0, enabled=False)
+                return tensor.assemble(read, dtype=stored_dtype).reshape(sharding[name].data.shape)
+
+            written = Progress("written", len(tensors), 0, enabled=False)
             write_checkpoint(tmp, sharded, materialise, order=order,
                              on_written=lambda name, tensor: written.update(tensor.nbytes))
             scales.close()
@@ -216,9 +200,9 @@ def import_checkpoint(
                 naming=source.naming,
                 config_flavour=source.config.flavour,
                 dtype=dtype_name(dtype),
-                mtp_num_layers=bridge.mtp_num_layers,
-                expert_layout=mcore.expert_layout,
-                tensors={name: source.tensors[name].format for name in source.names()},
+                mtp_num_layers=mtp_num_layers,
+                expert_form=expert_form,
+                tensors=plan.formats,
             )
             record.save(record_dir)
         bar.close()
@@ -229,47 +213,44 @@ def import_checkpoint(
     return ImportReport(len(source.names()), total, written.bytes, bar.seconds, source.naming, quantised)
 
 
-def _import_plan(source: HFSource, sharding: dict, mcore: MCoreNaming) -> dict[str, tuple[list[str], torch.dtype]]:
-    """Model parameter -> (its official source tensors, the dtype to store it in); checks names and shapes."""
-    plan = {}
+def _import_plan(source: HFSource, sharding: dict, plan: ConversionPlan) -> dict[str, tuple[TensorPlan, torch.dtype]]:
+    """Model parameter -> (its conversion plan, the dtype to store it in); checks names and shapes."""
+    tensors = {}
     needed = set()
     for name, sharded in sharding.items():
-        official = mcore.from_mcore(name).official_names
-        needed.update(official)
-        missing = [o for o in official if o not in source.tensors]
+        tensor = plan.tensor(name)
+        needed.update(tensor.official)
+        missing = [o for o in tensor.official if o not in source.tensors]
         if missing:
             raise CheckpointError(
                 f"tensor {missing[0]!r} is missing from the checkpoint (a model of this config.json needs it)"
             )
-        shape = tuple(sharded.data.shape)
-        rows = shape[0] // len(official) if shape else 0
-        for o in official:
-            expected = (rows, *shape[1:]) if len(official) > 1 else shape
+        expected = tensor.official_shape(sharded.data.shape)
+        for o in tensor.official:
             got = source.tensors[o].shape
-            if _numel(got) != _numel(expected) or (len(got) == len(expected) and tuple(got) != tuple(expected)):
+            if math.prod(got) != math.prod(expected) or (len(got) == len(expected) and tuple(got) != expected):
                 raise CheckpointError(
-                    f"tensor {o!r} has shape {tuple(got)} but config.json implies {tuple(expected)}; "
+                    f"tensor {o!r} has shape {tuple(got)} but config.json implies {expected}; "
                     "the config does not match the tensors"
                 )
-        plan[name] = (official, _stored_dtype(source, official, sharded.data.dtype))
+        tensors[name] = (tensor, _stored_dtype(tensor, sharded.data.dtype))
     extra = [o for o in source.names() if o not in needed]
     if extra:
         raise CheckpointError(
             f"tensor {extra[0]!r} is in the checkpoint but not in a model of its config.json "
             f"({len(extra)} such tensors); the config does not match the tensors"
         )
-    return plan
+    return tensors
 
 
-def _stored_dtype(source: HFSource, official: list[str], model_dtype: torch.dtype) -> torch.dtype:
+def _stored_dtype(tensor: TensorPlan, model_dtype: torch.dtype) -> torch.dtype:
     """The model's dtype, but never below the source's precision (fp32 tensors stay fp32)."""
-    formats = [source.tensors[o].format for o in official]
-    for o, fmt in zip(official, formats):
+    for o, fmt in zip(tensor.official, tensor.formats):
         if fmt.quant is None and model_dtype.is_floating_point != fmt.torch_dtype.is_floating_point:
             kind = "a floating-point" if model_dtype.is_floating_point else "an integer"
             raise CheckpointError(f"tensor {o!r} is {fmt.dtype}; the model expects {kind} tensor")
     if model_dtype.is_floating_point and any(
-        fmt.quant is None and fmt.torch_dtype.itemsize > model_dtype.itemsize for fmt in formats
+        fmt.quant is None and fmt.torch_dtype.itemsize > model_dtype.itemsize for fmt in tensor.formats
     ):
         return torch.float32
     return model_dtype
@@ -284,9 +265,9 @@ def _cast(name: str, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return values.to(dtype)
 
 
-def _reading_position(source: HFSource, official: list[str]) -> tuple:
+def _reading_position(source: HFSource, tensor: TensorPlan) -> tuple:
     """Sort key reading the source files in order (one file after the other)."""
-    return (source.file_of(official[0]), official[0])
+    return (source.file_of(tensor.official[0]), tensor.official[0])
 
 
 # --- export -----------------------------------------------------------------------------------------
@@ -298,6 +279,30 @@ class ExportReport:
     fresh_scale_blocks: int = 0
     quantised_tensors: int = 0
     files: list[str] = field(default_factory=list)
+
+
+ExportForm = SourceFormat | torch.dtype
+"""What export writes for one official tensor: the quantised format to re-apply, or a plain dtype."""
+
+
+def export_form(official: str, fmt: SourceFormat | None, dtype: str) -> ExportForm:
+    """The one decision of an exported tensor's format (see `export_checkpoint`'s `dtype`)."""
+    if fmt is None:
+        raise CheckpointError(f"tensor {official!r} has no entry in the import record {RECORD_DIR}/{RECORD_FILE}")
+    if fmt.quant is None:
+        return fmt.torch_dtype
+    return fmt if dtype == "source" else torch.bfloat16
+
+
+def _announced(official: str, form: ExportForm, shape: tuple[int, ...]) -> list[PlannedTensor]:
+    """The tensors export writes for `official`, announced to the safetensors writer."""
+    if isinstance(form, torch.dtype):
+        return [PlannedTensor(official, form, shape)]
+    rows, cols = shape
+    stored = (rows, cols // 2) if form.quant == FP4 else shape
+    blocks = (-(-rows // form.block[0]), -(-cols // form.block[1]))
+    return [PlannedTensor(official, form.torch_dtype, stored),
+            PlannedTensor(scale_name(official), getattr(torch, form.scale_dtype), blocks)]
 
 
 def export_checkpoint(
@@ -320,25 +325,26 @@ def export_checkpoint(
     config = read_hf_config(os.path.join(mcore_dir, RECORD_DIR))
     scales_dir = os.path.join(mcore_dir, RECORD_DIR, SCALES_DIR)
     originals = SafetensorsCheckpoint(scales_dir) if os.path.isdir(scales_dir) else None
-    weights = _NamesOnly(["mtp.0."] if record.mtp_num_layers else [])
-    bridge = AutoBridge(config, weights, record.naming)
     report = ExportReport(len(record.tensors), 0, 0.0)
     with _single_rank():
-        sharded, sharding, mcore = _meta_layout(bridge, getattr(torch, record.dtype))
+        sharded, sharding, _ = _meta_model(config, getattr(torch, record.dtype), record.mtp_num_layers)
+        plan = ConversionPlan(record.expert_form, record.tensors)
+        forms, announced = {}, []
+        for name, tensor_sharding in sharding.items():
+            tensor = plan.tensor(name)
+            for official, fmt in zip(tensor.official, tensor.formats):
+                forms[official] = export_form(official, fmt, dtype)
+                announced += _announced(official, forms[official], tensor.official_shape(tensor_sharding.data.shape))
         reader = CheckpointReader(mcore_dir, sharded)
-        total = sum(_numel(s.data.shape) * reader.stored_dtype(n).itemsize for n, s in sharding.items())
+        total = sum(math.prod(s.data.shape) * reader.stored_dtype(n).itemsize for n, s in sharding.items())
         bar = Progress("export", len(sharding), total, enabled=progress)
-
-        def official_tensors():
+        with atomic_output_dir(out_dir, force) as tmp:
+            writer = SafetensorsWriter(tmp, max_shard_bytes, planned=announced)
             for name, tensor in reader.read(sharding, max_group_bytes=READ_GROUP_BYTES):
                 bar.update(tensor.nbytes)
-                for official, piece in pipeline.split([(name, tensor)], mcore):
-                    yield from _exported(official, piece, record, dtype, originals, report)
-
-        with atomic_output_dir(out_dir, force) as tmp:
-            writer = StreamingSafetensorsWriter(tmp, _export_plan(sharding, mcore, record, dtype), max_shard_bytes)
-            for name, tensor in official_tensors():
-                writer.write(name, tensor)
+                for official, piece in plan.tensor(name).split(tensor):
+                    for written_name, written in _exported(official, piece, forms[official], originals, report):
+                        writer.write(written_name, written)
             report.files = writer.close()
             written_config = config
             if dtype == "bf16":
@@ -351,60 +357,16 @@ def export_checkpoint(
     return report
 
 
-def _export_plan(sharding: dict, mcore: MCoreNaming, record: SourceRecord, dtype: str) -> list[PlannedTensor]:
-    """Every tensor the export writes, in order, with its dtype and shape (see `_exported`)."""
-    plan = []
-    for name, sharded in sharding.items():
-        official = mcore.from_mcore(name).official_names
-        shape = tuple(sharded.data.shape)
-        piece = (shape[0] // len(official), *shape[1:]) if len(official) > 1 else shape
-        for o in official:
-            fmt = record.tensors.get(o)
-            if fmt is None:
-                raise CheckpointError(f"tensor {o!r} has no entry in the import record {RECORD_DIR}/{RECORD_FILE}")
-            if fmt.quant is None:
-                keep = not (dtype == "bf16" and fmt.dtype == "bfloat16")
-                plan.append(PlannedTensor(o, fmt.torch_dtype if keep else torch.bfloat16, piece))
-            elif dtype == "bf16":
-                plan.append(PlannedTensor(o, torch.bfloat16, piece))
-            else:
-                rows, cols = piece
-                if fmt.quant == FP4:
-                    plan.append(PlannedTensor(o, fmt.torch_dtype, (rows, cols // 2)))
-                else:
-                    plan.append(PlannedTensor(o, fmt.torch_dtype, piece))
-                blocks = (-(-rows // fmt.block[0]), -(-cols // fmt.block[1]))
-                plan.append(PlannedTensor(scale_name(o), getattr(torch, fmt.scale_dtype), blocks))
-    return plan
-
-
-class _NamesOnly:
-    def __init__(self, names):
-        self._names = names
-
-    def names(self):
-        return self._names
-
-
-def _exported(official, tensor, record: SourceRecord, dtype: str, originals, report: ExportReport):
-    fmt = record.tensors.get(official)
-    if fmt is None:
-        raise CheckpointError(f"tensor {official!r} has no entry in the import record {RECORD_DIR}/{RECORD_FILE}")
-    tensor = tensor.contiguous()
-    if fmt.quant is None:
-        if dtype == "bf16" and fmt.dtype == "bfloat16":
-            yield official, tensor.to(torch.bfloat16)
-        else:
-            yield official, tensor.to(fmt.torch_dtype)
-        return
-    if dtype == "bf16":
-        yield official, tensor.to(torch.bfloat16)
+def _exported(official: str, tensor: torch.Tensor, form: ExportForm, originals, report: ExportReport):
+    """(name, tensor) pairs export writes for one official tensor in its export form."""
+    if isinstance(form, torch.dtype):
+        yield official, tensor.to(form)
         return
     original = originals.get(scale_name(official)) if originals is not None else None
-    stored, scale, fresh = requantise(tensor, fmt, original)
+    stored, scale, fresh = requantise(tensor.contiguous(), form, original)
     report.quantised_tensors += 1
     report.fresh_scale_blocks += fresh
-    yield official, stored.view(fmt.torch_dtype)
+    yield official, stored.view(form.torch_dtype)
     yield scale_name(official), scale
 
 
@@ -427,9 +389,7 @@ def hf_reference_model(hf_dir: str | os.PathLike):
 
     Holds the whole model: for checking small checkpoints, not for the released ones.
     """
-    from transformers import DeepseekV4ForCausalLM
-
-    from bridge.hf_config import transformers_config
+    from transformers import DeepseekV4ForCausalLM  # heavy: imported only when a reference is asked for
 
     source = HFSource(hf_dir)
     model = DeepseekV4ForCausalLM(transformers_config(source.config)).eval()
@@ -449,19 +409,13 @@ def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch
 
     Extra keyword arguments go to the `DeepSeekV4TransformerConfig`.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
-    from megatron_v4.model import DeepSeekV4Model
-
     mcore_dir = os.fspath(mcore_dir)
     record = SourceRecord.load(mcore_dir)
     config = read_hf_config(os.path.join(mcore_dir, RECORD_DIR))
-    bridge = AutoBridge(config, _NamesOnly(["mtp.0."] if record.mtp_num_layers else []), record.naming)
     model = DeepSeekV4Model(
-        bridge.transformer_config(dtype=dtype, **config_overrides),
-        pre_process=ps.is_pipeline_first_stage(),
-        post_process=ps.is_pipeline_last_stage(),
+        transformer_config(config, dtype, mtp_num_layers=record.mtp_num_layers, **config_overrides),
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
     ).eval()
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), mcore_dir))
     return model

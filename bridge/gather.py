@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
-from bridge.mcore_naming import MCoreNaming, RuleMatch
-from bridge.pipeline import RankPosition
-from bridge.rank_tensors import RankTensor, Slice, rank_tensors
+from bridge.conversion_plan import ConversionPlan, RankPosition, Slice, TensorPlan
+from bridge.rank_tensors import RankTensor, rank_tensors
 
 SECTIONS = ("embedding.", "decoder.layers.", "decoder.", "output_layer.", "mtp.")
 """Catalogue order, whatever the layout: by section, then layer, then rule, then expert."""
@@ -40,35 +40,24 @@ class Holding:
 
 
 def _group_of(entry: RankTensor):
-    from megatron.core import parallel_state as ps
-
-    if entry.match.rule.sharding.by_expert:
-        return ps.get_expert_tensor_parallel_group()
-    return ps.get_tensor_model_parallel_group()
+    if entry.plan.sharding.by_expert:
+        return parallel_state.get_expert_tensor_parallel_group()
+    return parallel_state.get_tensor_model_parallel_group()
 
 
 def _reports(entry: RankTensor, ranks: RankPosition) -> bool:
     """Whether this rank describes `entry` in the catalogue: one rank per copy of the model (data-parallel
     rank 0, first rank of its tensor-parallel group), so that the catalogue stays the model's size."""
-    from megatron.core import parallel_state as ps
-
-    if entry.match.rule.sharding.by_expert:
-        return ps.get_expert_data_parallel_rank() == 0 and ranks.etp_rank == 0
-    return ps.get_data_parallel_rank(with_context_parallel=True) == 0 and ranks.tp_rank == 0
+    if entry.plan.sharding.by_expert:
+        return parallel_state.get_expert_data_parallel_rank() == 0 and ranks.etp_rank == 0
+    return parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0 and ranks.tp_rank == 0
 
 
-def _catalogue_key(match: RuleMatch, rule_order: dict) -> tuple:
+def _catalogue_key(tensor: TensorPlan, rule_order: dict) -> tuple:
+    match = tensor.match
     section = next(i for i, prefix in enumerate(SECTIONS) if match.rule.mcore.startswith(prefix))
     values = match.values
     return section, values.get("layer", values.get("mtp", 0)), rule_order[match.rule], values.get("expert", 0)
-
-
-def _full_from_slices(parts: list[torch.Tensor], part: Slice) -> torch.Tensor:
-    if part.glu:
-        halves = [p.chunk(2, dim=part.dim) for p in parts]
-        return torch.cat([torch.cat([h[0] for h in halves], dim=part.dim),
-                          torch.cat([h[1] for h in halves], dim=part.dim)], dim=part.dim)
-    return torch.cat(parts, dim=part.dim)
 
 
 def _receive_buffer(holding: Holding) -> torch.Tensor:
@@ -81,7 +70,7 @@ def _receive_buffer(holding: Holding) -> torch.Tensor:
 
 
 def gather_full_tensors(
-    chunks: list[torch.nn.Module], mcore: MCoreNaming, num_experts: int, all_ranks: bool = True
+    chunks: list[torch.nn.Module], plan: ConversionPlan, num_experts: int, all_ranks: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(global Megatron-Core name, full tensor on the CPU) for every tensor of the model.
 
@@ -91,11 +80,11 @@ def gather_full_tensors(
     ranks = RankPosition.current()
     held: dict[str, tuple[RankTensor, torch.Tensor]] = {}
     for chunk in chunks:
-        for entry, tensor in rank_tensors(chunk, mcore, num_experts, ranks):
+        for entry, tensor in rank_tensors(chunk, plan, num_experts, ranks):
             held.setdefault(entry.global_name, (entry, tensor.detach()))
-    rule_order = {rule: i for i, rule in enumerate(mcore.rules)}
+    rule_order = {rule: i for i, rule in enumerate(plan.naming.rules)}
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        for name in sorted(held, key=lambda n: _catalogue_key(held[n][0].match, rule_order)):
+        for name in sorted(held, key=lambda n: _catalogue_key(held[n][0].plan, rule_order)):
             yield name, held[name][1].cpu()
         return
 
@@ -112,9 +101,9 @@ def gather_full_tensors(
     for rank, holdings in enumerate(everyone):
         for holding in holdings:
             source.setdefault(holding.global_name, (rank, holding))
-    matches = {name: mcore.from_mcore(name) for name in source}
+    plans = {name: plan.tensor(name) for name in source}
 
-    for name in sorted(source, key=lambda n: _catalogue_key(matches[n], rule_order)):
+    for name in sorted(source, key=lambda n: _catalogue_key(plans[n], rule_order)):
         src, holding = source[name]
         full = None
         if me in holding.group:
@@ -124,7 +113,7 @@ def gather_full_tensors(
             else:
                 parts = [torch.empty_like(local) for _ in holding.group]
                 dist.all_gather(parts, local.contiguous(), group=_group_of(entry))
-                full = _full_from_slices(parts, holding.slice)
+                full = holding.slice.joined(parts)
         if all_ranks:
             full = _receive_buffer(holding) if full is None else full.contiguous()
             dist.broadcast(full, src)

@@ -1,6 +1,6 @@
 """Reading and writing the `config.json` of DeepSeek-V4 Hugging Face checkpoints.
 
-Two flavours exist (spec section 1): the *official* one shipped with the
+Two config flavours exist: the *official* one shipped with the released
 checkpoints (`compress_ratios`, `num_hash_layers`, `qk_rope_head_dim`,
 `rope_scaling`) and the *transformers* one written by
 `DeepseekV4Config.save_pretrained` (`layer_types`, `compress_rates`,
@@ -17,6 +17,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+
+from megatron_v4.config import DeepSeekV4TransformerConfig
+from megatron_v4.runtime import layout
 
 OFFICIAL = "official"
 TRANSFORMERS = "transformers"
@@ -404,6 +409,27 @@ def transformer_config_kwargs(cfg: DeepSeekV4HFConfig, mtp_num_layers: int | Non
         moe_router_dtype="fp32",
         mtp_num_layers=mtp or None,
     )
+
+
+def transformer_config(
+    cfg: DeepSeekV4HFConfig, dtype: torch.dtype = torch.bfloat16, mtp_num_layers: int | None = None, **overrides
+) -> DeepSeekV4TransformerConfig:
+    """The `DeepSeekV4TransformerConfig` of architecture `cfg` for the current parallel layout.
+
+    The one way from a Hugging Face architecture to a Megatron-Core config: the bridge,
+    checkpoint conversion and training all build theirs here. `overrides` win.
+    """
+    kwargs = transformer_config_kwargs(cfg, mtp_num_layers=mtp_num_layers)
+    kwargs.update(layout().config_kwargs())
+    kwargs.update(
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    kwargs.update(overrides)
+    return DeepSeekV4TransformerConfig(**kwargs)
 
 
 # --- back to Hugging Face -------------------------------------------------------------------------

@@ -34,12 +34,12 @@ MTP_PREFIX = "mtp.{mtp}."
 
 @dataclass(frozen=True)
 class StackedExperts:
-    """A flavour tensor holding every routed expert of a layer: [E, parts * rows, cols].
+    """A tensor of this naming holding every routed expert of a layer: [E, parts * rows, cols].
 
     Expert e's official tensors are the `parts` row blocks of slice e, in order.
     """
 
-    flavour: str
+    name: str
     official: tuple[str, ...]
 
 
@@ -162,17 +162,17 @@ class HFNameTranslator:
             if suffix not in stacked_parts
         ]
         pairs += [(MTP_PREFIX + suffix, MTP_PREFIX + suffix) for suffix in mtp]
-        self._to_official = TemplateIndex((flavour, official) for official, flavour in pairs)
-        self._to_flavour = TemplateIndex(pairs)
-        self._stacked_from_flavour = TemplateIndex(
-            (naming.layer_prefix + s.flavour, s) for s in naming.stacked_experts
+        self._to_official = TemplateIndex((theirs, official) for official, theirs in pairs)
+        self._to_naming = TemplateIndex(pairs)
+        self._stacked_from_naming = TemplateIndex(
+            (naming.layer_prefix + s.name, s) for s in naming.stacked_experts
         )
         self._stacked_from_official = TemplateIndex(
             (OFFICIAL_LAYER_PREFIX + part, (s, i)) for s in naming.stacked_experts for i, part in enumerate(s.official)
         )
 
     def knows(self, name: str) -> bool:
-        return self._to_official.match(name) is not None or self._stacked_from_flavour.match(name) is not None
+        return self._to_official.match(name) is not None or self._stacked_from_naming.match(name) is not None
 
     def to_official(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Rename a stream of this naming's tensors to official names (unstacking stacked experts)."""
@@ -182,7 +182,7 @@ class HFNameTranslator:
                 official, values = found
                 yield Template(official).format(values), tensor
                 continue
-            stacked = self._stacked_from_flavour.match(name)
+            stacked = self._stacked_from_naming.match(name)
             if stacked is None:
                 raise UnknownTensorError(
                     f"tensor {name!r} is not a DeepSeek-V4 tensor of the {self.naming.name!r} naming"
@@ -196,10 +196,10 @@ class HFNameTranslator:
         """Rename a stream of official tensors to this naming (stacking experts needs `num_experts`)."""
         pending: dict[tuple[str, int], dict[tuple[int, int], torch.Tensor]] = {}
         for name, tensor in items:
-            found = self._to_flavour.match(name)
+            found = self._to_naming.match(name)
             if found is not None:
-                flavour, values = found
-                yield Template(flavour).format(values), tensor
+                theirs, values = found
+                yield Template(theirs).format(values), tensor
                 continue
             stacked = self._stacked_from_official.match(name)
             if stacked is None:
@@ -207,15 +207,15 @@ class HFNameTranslator:
             (spec, part), values = stacked
             if num_experts is None:
                 raise ValueError(f"the {self.naming.name!r} naming stacks experts: pass num_experts")
-            parts = pending.setdefault((spec.flavour, values["layer"]), {})
+            parts = pending.setdefault((spec.name, values["layer"]), {})
             parts[(values["expert"], part)] = tensor
             if len(parts) == num_experts * len(spec.official):
-                del pending[(spec.flavour, values["layer"])]
-                yield Template(self.naming.layer_prefix + spec.flavour).format(values), _stack(spec, parts, num_experts)
+                del pending[(spec.name, values["layer"])]
+                yield Template(self.naming.layer_prefix + spec.name).format(values), _stack(spec, parts, num_experts)
         if pending:
-            (flavour, layer), parts = next(iter(pending.items()))
+            (stacked, layer), parts = next(iter(pending.items()))
             raise ValueError(
-                f"layer {layer} {flavour}: got {len(parts)} of the expert tensors it stacks; "
+                f"layer {layer} {stacked}: got {len(parts)} of the expert tensors it stacks; "
                 f"the checkpoint lacks some experts (expected {num_experts})"
             )
 
@@ -240,12 +240,12 @@ def detect_naming(names: Iterable[str]) -> str:
     if not names:
         raise ValueError("no tensors: cannot tell which DeepSeek-V4 naming the checkpoint uses")
     unknown_counts = {}
-    for flavour, translator in TRANSLATORS.items():
+    for naming, translator in TRANSLATORS.items():
         unknown = [n for n in names if not translator.knows(n)]
         if not unknown:
-            return flavour
-        unknown_counts[flavour] = unknown
-    closest = min(unknown_counts, key=lambda f: len(unknown_counts[f]))
+            return naming
+        unknown_counts[naming] = unknown
+    closest = min(unknown_counts, key=lambda n: len(unknown_counts[n]))
     raise UnknownTensorError(
         f"tensor {unknown_counts[closest][0]!r} is not a DeepSeek-V4 tensor name; the checkpoint is closest "
         f"to the {closest!r} naming ({len(unknown_counts[closest])} of {len(names)} names unknown to it)"

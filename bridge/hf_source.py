@@ -1,61 +1,52 @@
-"""A Hugging Face DeepSeek-V4 checkpoint on disk, addressed by official tensor name, read one tensor at a time.
+"""Hugging Face DeepSeek-V4 weights addressed by official tensor name: a checkpoint directory
+(`HFSource`) or an in-memory state dict (`InMemorySource`).
 
-Opening checks every file (missing, truncated or corrupt safetensors), separates
-the FP8/FP4 scales (`X.scale` beside `X.weight`) from the weights, detects the
-naming and lists each official tensor's shape and stored format from the file
-headers alone. `read(name)` then loads a single tensor, dequantised to fp32 if it
-was quantised; transformers' stacked experts are read one expert slice at a time.
+Opening a directory checks every file (missing, truncated or corrupt safetensors),
+separates the FP8/FP4 scales (`X.scale` beside `X.weight`) from the weights, detects
+the naming and lists each official tensor's shape and stored format from the file
+headers alone. Both sources answer `read_share(official, part)`: one rank's share of
+one official tensor, reading from disk only the rows it needs, also out of
+transformers' stacked-expert tensors [E, parts * rows, cols]. FP8/FP4 tensors are
+read whole and dequantised first, since their scales cover blocks a share may cut.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from bridge import pipeline
+from bridge.conversion_plan import WHOLE, Slice
 from bridge.hf_config import DeepSeekV4HFConfig, read_hf_config
 from bridge.hf_naming import TRANSLATORS, detect_naming
-from bridge.quantisation import DEFAULT_FP8_BLOCK, FP4, QuantisationError, SourceFormat, dequantise, source_format
+from bridge.quantisation import (
+    DEFAULT_FP8_BLOCK,
+    FP4,
+    QuantisationError,
+    SourceFormat,
+    dequantise,
+    scale_companions,
+    scale_name,
+    source_format,
+)
 from bridge.safetensors_io import SafetensorsCheckpoint
 
-SAFETENSORS_DTYPES = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,
-}
-SCALE_SUFFIX = ".scale"
-WEIGHT_SUFFIX = ".weight"
+
+MTP_PREFIX = "mtp."
+
+
+def carried_mtp_layers(config: DeepSeekV4HFConfig, official_names) -> int:
+    """MTP layers a Megatron-Core model of these weights gets: the config's, if the weights carry them.
+
+    transformers builds and saves no MTP layers, so its checkpoints have none to load.
+    """
+    return config.num_nextn_predict_layers if any(n.startswith(MTP_PREFIX) for n in official_names) else 0
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be converted; the message names the file, tensor or key."""
-
-
-def _data_layout(file: str) -> tuple[int, dict]:
-    """(where the data starts, header entries) of a safetensors file."""
-    with open(file, "rb") as f:
-        header_size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_size))
-    header.pop("__metadata__", None)
-    return 8 + header_size, header
-
-
-def scale_name(weight_name: str) -> str:
-    """`layers.0.attn.wq_a.weight` -> `layers.0.attn.wq_a.scale` (where the released checkpoints keep it)."""
-    return weight_name.removesuffix(WEIGHT_SUFFIX) + SCALE_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -88,9 +79,11 @@ class HFSource:
         try:
             self.checkpoint = SafetensorsCheckpoint(self.path)
         except (FileNotFoundError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{self.path}: {e}") from None
-        headers = self._read_headers()
-        scales = {n for n in headers if n.endswith(SCALE_SUFFIX) and n.removesuffix(SCALE_SUFFIX) + WEIGHT_SUFFIX in headers}
+            raise CheckpointError(f"{self.path}: {e.args[0] if isinstance(e, KeyError) else e}") from None
+        headers = {name: (h.dtype, h.shape) for name, h in self.checkpoint.headers.items()}
+        if not headers:
+            raise CheckpointError(f"{self.path}: the checkpoint holds no tensors")
+        scales = scale_companions(headers)
         weights = [n for n in headers if n not in scales]
         try:
             self.naming = detect_naming(weights)
@@ -116,34 +109,6 @@ class HFSource:
                 self.tensors[official_name] = StoredTensor(
                     name, tuple(piece.shape), fmt, None, expert=i // parts, part=i % parts, parts=parts
                 )
-        self._slice_cache: tuple[tuple[str, int], torch.Tensor] | None = None
-        self._layouts: dict[str, tuple[int, dict]] = {}
-
-    def _read_headers(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        headers = {}
-        by_file: dict[str, list[str]] = {}
-        for name in self.checkpoint.names():
-            by_file.setdefault(self.checkpoint.file_of(name), []).append(name)
-        for file, names in by_file.items():
-            if not os.path.isfile(file):
-                raise CheckpointError(f"{file}: missing (listed in the index for tensor {names[0]!r})")
-            try:
-                with safe_open(file, framework="pt") as f:
-                    present = set(f.keys())
-                    for name in names:
-                        if name not in present:
-                            raise CheckpointError(f"tensor {name!r}: the index lists it in {file}, which lacks it")
-                        tensor_slice = f.get_slice(name)
-                        dtype = SAFETENSORS_DTYPES.get(tensor_slice.get_dtype())
-                        if dtype is None:
-                            raise CheckpointError(f"tensor {name!r} in {file}: unsupported dtype {tensor_slice.get_dtype()}")
-                        headers[name] = (dtype, tuple(tensor_slice.get_shape()))
-            except SafetensorError as e:
-                raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
-        if not headers:
-            raise CheckpointError(f"{self.path}: the checkpoint holds no tensors")
-        return headers
-
     def _format(self, name, dtype, shape, scale_header) -> SourceFormat:
         weight = torch.empty(shape, dtype=dtype, device="meta")
         scale = None if scale_header is None else torch.empty(scale_header[1], dtype=scale_header[0], device="meta")
@@ -158,46 +123,43 @@ class HFSource:
     def file_of(self, official: str) -> str:
         return self.checkpoint.file_of(self.tensors[official].name)
 
-    def _get(self, name: str, expert: int | None = None) -> torch.Tensor:
-        """One tensor (or one expert's slice of a stacked one), read with plain file reads.
-
-        Reading through a memory map would leave every byte of the checkpoint resident in
-        the process (page cache mapped into it) until the file is closed.
-        """
-        file = self.checkpoint.file_of(name)
-        if file not in self._layouts:
-            self._layouts[file] = _data_layout(file)
-        data_start, entries = self._layouts[file]
-        entry = entries[name]
-        dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], list(entry["shape"])
-        begin, end = entry["data_offsets"]
-        if expert is not None:
-            row = (end - begin) // shape[0]
-            begin, end, shape = begin + expert * row, begin + (expert + 1) * row, shape[1:]
-        buffer = bytearray(end - begin)
-        with open(file, "rb", buffering=0) as f:
-            f.seek(data_start + begin)
-            if f.readinto(buffer) != len(buffer):
-                raise CheckpointError(f"tensor {name!r} in {file}: the file ends inside its data (truncated?)")
-        if not buffer:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
-
-    def read(self, official: str, dequantised_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(values, original scale or None): a quantised tensor's values in `dequantised_dtype`, else the stored tensor."""
+    def _stored(self, official: str) -> StoredTensor:
         stored = self.tensors.get(official)
         if stored is None:
             raise CheckpointError(f"tensor {official!r} is not in the checkpoint at {self.path}")
+        return stored
+
+    def read(
+        self, official: str, dequantised_dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(values, original scale or None): a quantised tensor's values in `dequantised_dtype`, else the stored
+        tensor."""
+        stored = self._stored(official)
+        if stored.scale is None:
+            return self._read_stored(official, stored, WHOLE), None
+        scale = self.checkpoint.get(stored.scale)
+        return dequantise(self.checkpoint.get(stored.name), scale, stored.format, dequantised_dtype), scale
+
+    def read_share(self, official: str, part: Slice = WHOLE) -> torch.Tensor:
+        """`part` of official tensor `official`, reading only its bytes unless it is quantised."""
+        stored = self._stored(official)
+        if stored.scale is not None:
+            values, _ = self.read(official)
+            return part.of(values, official)
+        return self._read_stored(official, stored, part)
+
+    def _read_stored(self, official: str, stored: StoredTensor, part: Slice) -> torch.Tensor:
+        if part.glu:
+            raise ValueError(f"{official}: a glu share spans w1 and w3; read each of them")
+        ranges = [slice(0, extent) for extent in stored.shape]
+        if not part.whole:
+            length = part.length(stored.shape[part.dim], official)
+            ranges[part.dim] = slice(part.rank * length, (part.rank + 1) * length)
         if stored.expert is None:
-            weight = self._get(stored.name)
-            if stored.scale is None:
-                return weight, None
-            scale = self._get(stored.scale)
-            return dequantise(weight, scale, stored.format, dequantised_dtype), scale
-        key = (stored.name, stored.expert)
-        if self._slice_cache is None or self._slice_cache[0] != key:
-            self._slice_cache = (key, self._get(stored.name, stored.expert))
-        return self._slice_cache[1].chunk(stored.parts, dim=0)[stored.part], None
+            return self.checkpoint.get(stored.name, tuple(ranges))
+        first_row = stored.part * stored.shape[0]
+        ranges[0] = slice(first_row + ranges[0].start, first_row + ranges[0].stop)
+        return self.checkpoint.get(stored.name, (slice(stored.expert, stored.expert + 1), *ranges))[0]
 
     def stored_bytes(self, official: str) -> int:
         """Bytes the tensor (and its scale) occupy in the checkpoint."""
@@ -214,3 +176,25 @@ class HFSource:
             extra = -(-stored.shape[0] // block[0]) * -(-stored.shape[1] // block[1]) * (
                 4 if stored.format.scale_dtype == "float32" else 1)
         return numel * element + extra
+
+
+class InMemorySource:
+    """The tensors of an in-memory state dict (e.g. a `DeepseekV4ForCausalLM`'s) by official name.
+
+    FP8/FP4 weights with their `.scale` companions are dequantised; shares are views.
+    """
+
+    def __init__(self, state, config: DeepSeekV4HFConfig):
+        self.config = config
+        scales = scale_companions(state)
+        self.naming = detect_naming(name for name in state if name not in scales)
+        self.tensors = dict(pipeline.to_official(pipeline.dequantise(state.items()), self.naming))
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read_share(self, official: str, part: Slice = WHOLE) -> torch.Tensor:
+        tensor = self.tensors.get(official)
+        if tensor is None:
+            raise KeyError(f"the source has no tensor {official!r}")
+        return part.of(tensor, official)

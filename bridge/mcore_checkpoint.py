@@ -22,8 +22,16 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed.checkpoint as dcp
+from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
-from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
@@ -31,18 +39,18 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, WriteIte
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.storage import WriteResult
 
+from megatron_v4.model import DeepSeekV4Model
+
 Materialise = Callable[[str], torch.Tensor]
 """Model parameter name -> its full tensor (in the parameter's shape)."""
 
 
-# --- the model's checkpoint layout --------------------------------------------------------------------
+# --- the model's checkpoint keys and shapes -------------------------------------------------------------
 def build_meta_model(transformer_config):
     """`DeepSeekV4Model` on the meta device: every shape and checkpoint key, no storage, no initialisation.
 
     Needs `megatron_v4.initialize()` (a world of one is enough).
     """
-    from megatron_v4.model import DeepSeekV4Model
-
     config = dataclasses.replace(transformer_config, perform_initialization=False, use_cpu_initialization=True)
     with torch.device("meta"):
         return DeepSeekV4Model(config, pre_process=True, post_process=True)
@@ -182,15 +190,6 @@ def write_checkpoint(
     `materialise(name)` gives each parameter's full tensor, called once per parameter,
     in `order` (default: the state dict's). `on_written(name, tensor)` follows each call.
     """
-    import torch.distributed.checkpoint as dcp
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        TorchDistSaveShardedStrategy,
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
-
     sharding = parameter_sharding(sharded_state_dict)
     order = list(order) if order is not None else list(sharding)
     owner_of = {_chunk_id(s): name for name in order for s in _built(sharding[name])}

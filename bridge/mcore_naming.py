@@ -17,7 +17,7 @@ SEQUENTIAL_EXPERTS = "sequential"
 """Megatron-Core's SequentialMLP: `mlp.experts.local_experts.{e}.linear_fc1.weight`."""
 GROUPED_EXPERTS = "grouped"
 """Transformer-Engine's TEGroupedMLP: `mlp.experts.linear_fc1.weight{e}`."""
-EXPERT_LAYOUTS = (SEQUENTIAL_EXPERTS, GROUPED_EXPERTS)
+EXPERT_FORMS = (SEQUENTIAL_EXPERTS, GROUPED_EXPERTS)
 
 
 @dataclass(frozen=True)
@@ -122,14 +122,14 @@ ROUTED_EXPERT_RULES = {
 }
 
 
-def block_rules(expert_layout: str) -> list[TensorRule]:
+def block_rules(expert_form: str) -> list[TensorRule]:
     """Rules of one transformer block (decoder layer, or an MTP layer's `transformer_layer`)."""
     return [
         *_hyper_connection("hc_attn", "hc_attn"),
         *_hyper_connection("hc_ffn", "hc_ffn"),
         *ATTENTION_RULES,
         *MOE_RULES,
-        *ROUTED_EXPERT_RULES[expert_layout],
+        *ROUTED_EXPERT_RULES[expert_form],
     ]
 
 
@@ -161,11 +161,11 @@ def _scoped(rules: list[TensorRule], mcore_prefix: str, official_prefix: str) ->
     ]
 
 
-def all_rules(expert_layout: str = SEQUENTIAL_EXPERTS) -> list[TensorRule]:
-    """Every rule with full names, for one Megatron-Core expert layout."""
-    if expert_layout not in EXPERT_LAYOUTS:
-        raise ValueError(f"unknown expert layout {expert_layout!r}; use one of {EXPERT_LAYOUTS}")
-    block = block_rules(expert_layout)
+def all_rules(expert_form: str = SEQUENTIAL_EXPERTS) -> list[TensorRule]:
+    """Every rule with full names, for one Megatron-Core expert form."""
+    if expert_form not in EXPERT_FORMS:
+        raise ValueError(f"unknown expert form {expert_form!r}; use one of {EXPERT_FORMS}")
+    block = block_rules(expert_form)
     return [
         *TOP_RULES,
         *_scoped(block, *DECODER_LAYER_PREFIX),
@@ -200,9 +200,9 @@ class RuleMatch:
 class MCoreNaming:
     """Looks up the rule of a Megatron-Core name or of an official name."""
 
-    def __init__(self, expert_layout: str = SEQUENTIAL_EXPERTS):
-        self.expert_layout = expert_layout
-        self.rules = all_rules(expert_layout)
+    def __init__(self, expert_form: str = SEQUENTIAL_EXPERTS):
+        self.expert_form = expert_form
+        self.rules = all_rules(expert_form)
         self._by_mcore = TemplateIndex((r.mcore, r) for r in self.rules)
         self._by_official = TemplateIndex(
             (official, (r, part)) for r in self.rules for part, official in enumerate(r.official)
@@ -213,7 +213,7 @@ class MCoreNaming:
         if found is None:
             raise UnknownTensorError(
                 f"Megatron-Core tensor {name!r} has no rule in bridge/mcore_naming.py "
-                f"(expert layout {self.expert_layout!r}); add one or check the model's parameter names"
+                f"(expert form {self.expert_form!r}); add one or check the model's parameter names"
             )
         rule, values = found
         return RuleMatch(rule, values)
@@ -232,8 +232,8 @@ class MCoreNaming:
         return self._by_official.templates()
 
 
-def detect_expert_layout(mcore_names) -> str:
-    """The Megatron-Core expert layout that a model's tensor names use (sequential when it has no experts)."""
+def detect_expert_form(mcore_names) -> str:
+    """The Megatron-Core expert form that a model's tensor names use (sequential when it has no experts)."""
     for name in mcore_names:
         if ".mlp.experts.local_experts." in name:
             return SEQUENTIAL_EXPERTS

@@ -28,6 +28,8 @@ FP4_MAX = 6.0
 FP4_GROUP = 32
 DEFAULT_FP8_BLOCK = (128, 128)
 E8M0 = torch.float8_e8m0fnu
+SCALE_SUFFIX = ".scale"
+WEIGHT_SUFFIX = ".weight"
 FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 """e2m1 code (0..15; bit 3 is the sign) -> value."""
 
@@ -60,6 +62,17 @@ class SourceFormat:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+
+def scale_name(weight_name: str) -> str:
+    """`layers.0.attn.wq_a.weight` -> `layers.0.attn.wq_a.scale` (where the released checkpoints keep it)."""
+    return weight_name.removesuffix(WEIGHT_SUFFIX) + SCALE_SUFFIX
+
+
+def scale_companions(names) -> set[str]:
+    """The names among `names` that are the scale of another one (`X.scale` beside `X.weight`)."""
+    names = set(names)
+    return {n for n in names if n.endswith(SCALE_SUFFIX) and n.removesuffix(SCALE_SUFFIX) + WEIGHT_SUFFIX in names}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -138,15 +151,6 @@ def _fresh_scale(amax: torch.Tensor, fmt_max: float, scale_dtype: torch.dtype) -
 
 
 # --- FP4 codes --------------------------------------------------------------------------------------
-def fp4_unpack(packed: torch.Tensor) -> torch.Tensor:
-    """int8 [rows, cols/2] -> e2m1 codes uint8 [rows, cols], low nibble first."""
-    raw = packed.view(torch.uint8)
-    codes = torch.empty(*raw.shape[:-1], raw.shape[-1] * 2, dtype=torch.uint8)
-    codes[..., 0::2] = raw & 0x0F
-    codes[..., 1::2] = raw >> 4
-    return codes
-
-
 def fp4_pack(codes: torch.Tensor) -> torch.Tensor:
     """e2m1 codes uint8 [rows, cols] -> int8 [rows, cols/2], low nibble first."""
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).view(torch.int8)

@@ -4,9 +4,9 @@ The model is a real `transformers.DeepseekV4ForCausalLM` whose every tensor is
 filled with non-trivial random values (no zero biases, sinks or `ape`, no
 identity hyper-connections), with all three attention kinds (ratios 0, 4, 128),
 hash-routed layers, several output groups and 16 indexer heads. transformers
-builds no MTP layer, so the official flavour gets synthesised MTP tensors.
+builds no MTP layer, so the official naming gets synthesised MTP tensors.
 
-`quantised=True` stores the official flavour the way the released checkpoints do:
+`quantised=True` stores the official naming the way the released checkpoints do:
 FP8 e4m3 with block scales for the attention and shared-expert projections, FP4
 e2m1 with E8M0 scales per 32 inputs for the routed experts, the other weights in
 bf16 and the hyper-connection, sink, `ape` and gate-bias tensors in fp32. Some
@@ -202,7 +202,7 @@ def quantise_like_release(
 
 def make_tiny_checkpoint(
     out_dir: str | os.PathLike,
-    flavour: str = OFFICIAL,
+    naming: str = OFFICIAL,
     seed: int = 0,
     cfg: DeepSeekV4HFConfig = TINY,
     with_mtp: bool | None = None,
@@ -218,23 +218,23 @@ def make_tiny_checkpoint(
     `transformers-saved`: transformers' own `save_pretrained` (no MTP: transformers has none).
     `transformers-module`: the in-memory `state_dict()` names, transformers config.
     `max_shard_bytes` splits the weights over several files plus an index.
-    `quantised` (official flavour only) stores FP8/FP4 tensors as the released checkpoints do,
+    `quantised` (official naming only) stores FP8/FP4 tensors as the released checkpoints do,
     FP8 with `fp8_block` blocks and `fp8_scale_dtype` (E8M0 or fp32) scales.
     Returns `out_dir`.
     """
-    if quantised and flavour != OFFICIAL:
-        raise ValueError("quantised tiny checkpoints are official-flavour only (like the released ones)")
+    if quantised and naming != OFFICIAL:
+        raise ValueError("quantised tiny checkpoints use the official naming only (like the released ones)")
     out_dir = os.fspath(out_dir)
     model = make_tiny_model(cfg, seed).to(dtype)
-    with_mtp = (flavour == OFFICIAL) if with_mtp is None else with_mtp
-    if flavour == TRANSFORMERS_SAVED:
+    with_mtp = (naming == OFFICIAL) if with_mtp is None else with_mtp
+    if naming == TRANSFORMERS_SAVED:
         if with_mtp:
             raise ValueError("transformers' save_pretrained writes no MTP tensors; use with_mtp=False")
         shard = {"max_shard_size": max_shard_bytes} if max_shard_bytes else {}
         model.save_pretrained(out_dir, **shard)
         return out_dir
     state = dict(model.state_dict())
-    if flavour == OFFICIAL:
+    if naming == OFFICIAL:
         state = dict(TRANSLATORS[TRANSFORMERS_MODULE].to_official(state.items()))
         written = dataclasses.replace(cfg, dtype=str(dtype).removeprefix("torch."))
         if quantised:
@@ -242,11 +242,11 @@ def make_tiny_checkpoint(
                      "scale_fmt": "ue8m0" if fp8_scale_dtype == E8M0 else "float32"}
             written = dataclasses.replace(written, dtype="bfloat16", quantization_config=quant, expert_dtype="fp4")
         write_official_config(written, out_dir)
-    elif flavour == TRANSFORMERS_MODULE:
+    elif naming == TRANSFORMERS_MODULE:
         model.config.save_pretrained(out_dir)
     else:
         raise ValueError(
-            f"unknown flavour {flavour!r}; use {OFFICIAL!r}, {TRANSFORMERS_SAVED!r} or {TRANSFORMERS_MODULE!r}"
+            f"unknown naming {naming!r}; use {OFFICIAL!r}, {TRANSFORMERS_SAVED!r} or {TRANSFORMERS_MODULE!r}"
         )
     if with_mtp:
         state.update({k: v.to(dtype) for k, v in make_tiny_mtp(cfg, seed).items()})

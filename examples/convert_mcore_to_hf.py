@@ -2,7 +2,7 @@
 
     python examples/convert_mcore_to_hf.py --mcore /data/dsv4-flash-mcore --out /data/dsv4-flash-hf [--dtype source]
 
-Writes official-flavour safetensors shards, an index and `config.json`.
+Writes safetensors shards with official names, an index and an official-flavour `config.json`.
 `--dtype source` (default) re-quantises every tensor to the format it had in the
 original checkpoint: unchanged weights give back the original bytes exactly,
 trained ones are quantised to the nearest representable values. `--dtype bf16`

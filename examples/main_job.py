@@ -2,7 +2,7 @@
 
     python examples/main_job.py [--workdir DIR] [--keep]
 
-1. makes a tiny official-flavour checkpoint stored like the release: FP8 e4m3
+1. makes a tiny official checkpoint (names and config) stored like the release: FP8 e4m3
    attention and shared-expert weights with 128x128 E8M0 block scales, FP4 e2m1
    routed experts with E8M0 scales per 32 inputs, bf16/fp32 tensors, int64 tid2eid,
    an MTP layer, in two safetensors shards;

@@ -13,7 +13,6 @@ import torch.distributed as dist
 
 import megatron_v4
 from bridge import AutoBridge
-from bridge.checkpoint_slices import HFSourceSlices
 from bridge.hf_source import HFSource
 from layout_slicing import global_name, is_gate_up, tp_group
 
@@ -33,7 +32,7 @@ def _slice_description(name: str, tensor: torch.Tensor) -> tuple | None:
 def _count_checkpoint_reads() -> dict:
     """Record the elements every checkpoint read returns (sliced reads and whole-tensor reads)."""
     counts = {"sliced": 0, "whole": 0}
-    sliced, whole = HFSourceSlices.read, HFSource.read
+    sliced, whole = HFSource.read_share, HFSource.read
 
     def sliced_read(self, official, *args):
         tensor = sliced(self, official, *args)
@@ -45,7 +44,7 @@ def _count_checkpoint_reads() -> dict:
         counts["whole"] += values.numel()
         return values, scale
 
-    HFSourceSlices.read, HFSource.read = sliced_read, whole_read
+    HFSource.read_share, HFSource.read = sliced_read, whole_read
     return counts
 
 

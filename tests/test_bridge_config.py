@@ -21,7 +21,7 @@ FLASH_RATIOS = [0, 0] + [4, 128] * 20 + [4, 0]  # 43 layers + the MTP layer
 
 
 def flash_official_config() -> dict:
-    """DeepSeek-V4-Flash's config.json as shipped (the published DeepSeek-V4-Flash config)."""
+    """DeepSeek-V4-Flash's config.json as shipped on the Hugging Face Hub (deepseek-ai/DeepSeek-V4-Flash)."""
     return {
         "architectures": ["DeepseekV4ForCausalLM"],
         "attention_bias": False,

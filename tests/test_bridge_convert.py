@@ -62,8 +62,8 @@ ROUND_TRIPS = {
     "official-fp8-e8m0-fp4-sharded": (dict(quantised=True, fp8_block=SMALL_BLOCK, max_shard_bytes=SHARD_BYTES), "bf16"),
     "official-fp8-fp32-scales-fp4": (dict(quantised=True, fp8_block=SMALL_BLOCK, fp8_scale_dtype=torch.float32), "bf16"),
     "official-fp32": (dict(), "fp32"),
-    "transformers-saved-sharded": (dict(flavour=TRANSFORMERS_SAVED, max_shard_bytes=SHARD_BYTES), "bf16"),
-    "transformers-module-bf16": (dict(flavour=TRANSFORMERS_MODULE, dtype=torch.bfloat16), "bf16"),
+    "transformers-saved-sharded": (dict(naming=TRANSFORMERS_SAVED, max_shard_bytes=SHARD_BYTES), "bf16"),
+    "transformers-module-bf16": (dict(naming=TRANSFORMERS_MODULE, dtype=torch.bfloat16), "bf16"),
 }
 
 
@@ -86,7 +86,7 @@ def test_round_trip_gives_back_every_byte(tmp_path, case, capsys):
         assert any(n.startswith("mtp.0.") and t.dtype == torch.int8 for n, t in source.items())
         assert "0 blocks with a fresh scale" in capsys.readouterr().out
     record = json.loads((mcore / convert.RECORD_DIR / convert.RECORD_FILE).read_text())
-    assert record["naming"] == maker.get("flavour", OFFICIAL)
+    assert record["naming"] == maker.get("naming", OFFICIAL)
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     return {
         OFFICIAL: make_tiny_checkpoint(root / "official", seed=5),
-        TRANSFORMERS_MODULE: make_tiny_checkpoint(root / "module", flavour=TRANSFORMERS_MODULE, seed=5, with_mtp=True),
+        TRANSFORMERS_MODULE: make_tiny_checkpoint(root / "module", naming=TRANSFORMERS_MODULE, seed=5, with_mtp=True),
         QUANTISED: make_tiny_checkpoint(root / "quantised", seed=5, quantised=True),
     }
 

@@ -12,16 +12,12 @@ from transformers import DeepseekV4ForCausalLM
 
 import megatron_v4
 from bridge import AutoBridge
+from bridge.conversion_plan import ConversionPlan, RankPosition
 from bridge.hf_config import read_hf_config
 from bridge.hf_naming import OFFICIAL, TRANSFORMERS_MODULE, TRANSFORMERS_SAVED, detect_naming
 from bridge.mcore_naming import GROUPED_EXPERTS, MCoreNaming, UnknownTensorError
-from bridge.pipeline import (
-    RankPosition,
-    dequantise,
-    hf_from_mcore_state_dict,
-    mcore_state_dict_from_hf,
-    shard,
-)
+from bridge.pipeline import dequantise, hf_from_mcore_state_dict, mcore_state_dict_from_hf
+from bridge.quantisation import E8M0
 from bridge.safetensors_io import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint
 from bridge.tiny import TINY, make_tiny_checkpoint, make_tiny_model
 
@@ -31,7 +27,7 @@ NAMINGS = (OFFICIAL, TRANSFORMERS_SAVED, TRANSFORMERS_MODULE)
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {naming: make_tiny_checkpoint(root / naming, flavour=naming, seed=3) for naming in NAMINGS}
+    return {naming: make_tiny_checkpoint(root / naming, naming=naming, seed=3) for naming in NAMINGS}
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +129,9 @@ def test_stacked_transformers_experts_split_into_megatron_experts(reference_mode
     _assert_bit_exact(hf_from_mcore_state_dict(mcore, naming=TRANSFORMERS_MODULE), dict(state))
 
 
-def test_grouped_expert_layout_round_trips(checkpoints):
+def test_grouped_expert_form_round_trips(checkpoints):
     hf = _read(checkpoints[OFFICIAL])
-    mcore = mcore_state_dict_from_hf(hf, expert_layout=GROUPED_EXPERTS)
+    mcore = mcore_state_dict_from_hf(hf, expert_form=GROUPED_EXPERTS)
     assert torch.equal(mcore["decoder.layers.1.mlp.experts.linear_fc2.weight3"], hf["layers.1.ffn.experts.3.w2.weight"])
     assert not any("local_experts" in n for n in mcore)
     _assert_bit_exact(hf_from_mcore_state_dict(mcore), hf)
@@ -144,7 +140,7 @@ def test_grouped_expert_layout_round_trips(checkpoints):
 def test_sharded_checkpoint_reads_like_a_single_file(tmp_path, checkpoints):
     single = _read(checkpoints[OFFICIAL])
     total = sum(t.numel() * t.element_size() for t in single.values())
-    make_tiny_checkpoint(tmp_path, flavour=OFFICIAL, seed=3, max_shard_bytes=total // 2 + 1)
+    make_tiny_checkpoint(tmp_path, naming=OFFICIAL, seed=3, max_shard_bytes=total // 2 + 1)
     index = json.loads((tmp_path / INDEX_FILE).read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) >= 2 and not (tmp_path / SINGLE_FILE).exists()
@@ -171,17 +167,32 @@ def test_missing_fusion_partner_is_named():
         mcore_state_dict_from_hf({"layers.0.ffn.shared_experts.w1.weight": torch.zeros(2, 2)}, naming=OFFICIAL)
 
 
-def test_quantised_tensors_are_refused_by_the_dequantise_step():
-    weight = torch.zeros(4, 4).to(torch.float8_e4m3fn)
-    with pytest.raises(NotImplementedError, match="layers.0.attn.wq_a.weight"):
-        list(dequantise([("layers.0.attn.wq_a.weight", weight)]))
+def test_dequantise_step_pairs_scales_and_gives_the_values():
+    # FP8: W = fp8 * scale per 2x2 block (E8M0 2^(e-127)); the scale may come before its weight
+    codes = torch.tensor([[1.0, -2.0, 0.5, 4.0], [3.0, 1.5, -1.0, 2.0]]).to(torch.float8_e4m3fn)
+    exponents = torch.tensor([[127 + 1, 127 - 2]], dtype=torch.uint8)
     plain = torch.randn(4, 4)
-    assert list(dequantise([("layers.0.attn.wq_a.weight", plain)]))[0][1] is plain
+    items = [("layers.0.attn.wq_a.scale", exponents.view(E8M0)), ("layers.0.attn.wq_b.weight", plain),
+             ("layers.0.attn.wq_a.weight", codes)]
+    got = dict(dequantise(items, fp8_block=(2, 2)))
+    assert sorted(got) == ["layers.0.attn.wq_a.weight", "layers.0.attn.wq_b.weight"]
+    assert got["layers.0.attn.wq_b.weight"] is plain
+    want = codes.float() * torch.tensor([[2.0, 2.0, 0.25, 0.25]] * 2)
+    assert got["layers.0.attn.wq_a.weight"].dtype == torch.float32
+    assert torch.equal(got["layers.0.attn.wq_a.weight"], want)
+    # FP4: two e2m1 codes per byte, low nibble first, an E8M0 scale per 32 inputs of a row
+    packed = torch.tensor([[0x21] * 16], dtype=torch.uint8).view(torch.int8)  # codes 1 (0.5) then 2 (1.0)
+    scale = torch.tensor([[127 + 3]], dtype=torch.uint8).view(E8M0)
+    (name, values), = dequantise([("layers.0.ffn.experts.0.w1.weight", packed),
+                                  ("layers.0.ffn.experts.0.w1.scale", scale)])
+    assert name == "layers.0.ffn.experts.0.w1.weight"
+    assert torch.equal(values, torch.tensor([[4.0, 8.0] * 16]))
+    with pytest.raises(ValueError, match="layers.0.attn.wq_a.scale"):
+        list(dequantise([("layers.0.attn.wq_a.weight", codes)]))
 
 
 def test_shard_step_splits_by_the_rules():
     # formulas of the Megatron layout: GLU halves split separately, row-parallel on dim 1, experts by EP
-    mcore = MCoreNaming()
     w1, w3, w2 = torch.randn(8, 6), torch.randn(8, 6), torch.randn(6, 8)
     q_up, sink = torch.randn(12, 5), torch.randn(4)
     full = {
@@ -194,7 +205,7 @@ def test_shard_step_splits_by_the_rules():
            for e in range(4)},
     }
     ranks = RankPosition(tp_rank=1, tp_size=2, ep_rank=1, ep_size=2)
-    got = dict(shard(full.items(), mcore, num_experts=4, ranks=ranks))
+    got = dict(_shard(full, ConversionPlan(), num_experts=4, ranks=ranks))
     assert torch.equal(got["decoder.layers.0.mlp.shared_experts.linear_fc1.weight"], torch.cat([w1[4:], w3[4:]]))
     assert torch.equal(got["decoder.layers.0.mlp.shared_experts.linear_fc2.weight"], w2[:, 4:])
     assert torch.equal(got["decoder.layers.0.self_attention.linear_q_up_proj.weight"], q_up[6:])
@@ -204,6 +215,19 @@ def test_shard_step_splits_by_the_rules():
     experts = {n: t for n, t in got.items() if "local_experts" in n}
     assert sorted(experts) == [f"decoder.layers.0.mlp.experts.local_experts.{e}.linear_fc2.weight" for e in (0, 1)]
     assert experts["decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"][0, 0] == 2.0
+
+
+def _shard(full, plan, num_experts, ranks):
+    """A rank's tensors, local names and shares, as the conversion plan gives them."""
+    per_rank = num_experts // ranks.ep_size
+    for name, tensor in full.items():
+        tensor_plan = plan.tensor(name)
+        if tensor_plan.sharding.by_expert:
+            owner, local = divmod(tensor_plan.match.values["expert"], per_rank)
+            if owner != ranks.ep_rank:
+                continue
+            name = plan.renumbered(tensor_plan, expert=local).mcore
+        yield name, tensor_plan.share(ranks).of(tensor, name)
 
 
 # --- through AutoBridge and the Megatron-Core model -----------------------------------------------

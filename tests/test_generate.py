@@ -31,7 +31,7 @@ NEW_TOKENS = 32
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", flavour="official", seed=0)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "hf", naming="official", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def _checkpoint_dirs(args) -> tuple[str, str]:
     if args.mcore:
         return args.mcore, os.path.join(args.mcore, RECORD_DIR)
     if _is_first_rank() and not os.path.exists(os.path.join(args.tiny_dir, "config.json")):
-        make_tiny_checkpoint(args.tiny_dir, flavour="official", with_mtp=False)
+        make_tiny_checkpoint(args.tiny_dir, naming="official", with_mtp=False)
     dist.barrier()
     return args.tiny_dir, args.tiny_dir
 

@@ -12,25 +12,11 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer.module import Float16Module
 
-from bridge import read_hf_config, transformer_config_kwargs
 from bridge.convert import RECORD_DIR
+from bridge.hf_config import read_hf_config
+from bridge.hf_config import transformer_config as transformer_config  # training's config: the bridge's one mapping
 from megatron_v4.config import DeepSeekV4TransformerConfig
 from megatron_v4.model import DeepSeekV4Model
-from megatron_v4.runtime import layout
-
-
-def transformer_config(arch, dtype: torch.dtype, mtp_num_layers: int | None = None, **overrides):
-    """`DeepSeekV4TransformerConfig` of architecture `arch` (a `bridge.DeepSeekV4HFConfig`) for this layout."""
-    kwargs = transformer_config_kwargs(arch, mtp_num_layers=mtp_num_layers)
-    kwargs.update(layout().config_kwargs())
-    kwargs.update(
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(),
-    )
-    kwargs.update(overrides)
-    return DeepSeekV4TransformerConfig(**kwargs)
 
 
 def build_optimizer(model, config):
