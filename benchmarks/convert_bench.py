@@ -61,7 +61,7 @@ def _random_stored(name: str, shape, dtype, num_experts: int, g: torch.Generator
     """[(name, tensor)] as stored in the release: FP8/FP4 codes with E8M0 scales, or bf16/fp32/int64."""
     import re
 
-    from bridge.tiny import FP4_WEIGHTS, FP8_WEIGHTS, FP32_TENSORS
+    from bridge.quantisation import FP4_WEIGHTS, FP8_WEIGHTS, FP32_TENSORS
 
     def e8m0(*s):
         return torch.randint(118, 126, s, generator=g, dtype=torch.uint8).view(torch.float8_e8m0fnu)

@@ -1,22 +1,34 @@
-"""Hugging Face DeepSeek-V4 checkpoints <-> Megatron-Core `megatron_v4` models."""
+"""Hugging Face DeepSeek-V4 checkpoints <-> Megatron-Core `megatron_v4` models.
 
-from bridge.auto_bridge import AutoBridge
-from bridge.hf_config import DeepSeekV4HFConfig, read_hf_config, transformer_config, transformer_config_kwargs
-from bridge.hf_naming import OFFICIAL, TRANSFORMERS_MODULE, TRANSFORMERS_SAVED, detect_naming
-from bridge.pipeline import hf_from_mcore_state_dict, mcore_state_dict_from_hf
-from bridge.tiny import make_tiny_checkpoint
+The names below load on first use (PEP 562), so that `python -m bridge --help` and argument mistakes
+answer before PyTorch and Megatron-Core are imported.
+"""
 
-__all__ = [
-    "OFFICIAL",
-    "TRANSFORMERS_MODULE",
-    "TRANSFORMERS_SAVED",
-    "AutoBridge",
-    "DeepSeekV4HFConfig",
-    "detect_naming",
-    "hf_from_mcore_state_dict",
-    "make_tiny_checkpoint",
-    "mcore_state_dict_from_hf",
-    "read_hf_config",
-    "transformer_config",
-    "transformer_config_kwargs",
-]
+import importlib
+
+_EXPORTS = {
+    "AutoBridge": "bridge.auto_bridge",
+    "DeepSeekV4HFConfig": "bridge.hf_config",
+    "read_hf_config": "bridge.hf_config",
+    "transformer_config": "bridge.hf_config",
+    "transformer_config_kwargs": "bridge.hf_config",
+    "OFFICIAL": "bridge.hf_naming",
+    "TRANSFORMERS_MODULE": "bridge.hf_naming",
+    "TRANSFORMERS_SAVED": "bridge.hf_naming",
+    "detect_naming": "bridge.hf_naming",
+    "hf_from_mcore_state_dict": "bridge.pipeline",
+    "mcore_state_dict_from_hf": "bridge.pipeline",
+    "make_tiny_checkpoint": "bridge.tiny",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bridge' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -90,6 +90,7 @@ class AutoBridge:
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 vp_stage=vp_stage,
+                max_sequence_length=self.config.max_position_embeddings,
             )
             for vp_stage in (range(vpp) if vpp else [None])
         ]

@@ -1,35 +1,41 @@
 """`python -m bridge import|export|verify`: convert DeepSeek-V4 checkpoints between Hugging Face and Megatron-Core.
 
     python -m bridge import --hf DIR --out DIR [--dtype bf16|fp32] [--force]
-    python -m bridge export --mcore DIR --out DIR [--dtype source|bf16] [--force]
-    python -m bridge verify --hf DIR --mcore DIR [--sequences 3 --seq-len 48]
+    python -m bridge export --mcore DIR --out DIR [--dtype source|bf16] [--iteration N] [--force]
+    python -m bridge verify --hf DIR --mcore DIR [--iteration N] [--sequences 3 --seq-len 48]
 
-Every failure is one line on stderr naming the file, tensor or key, with a non-zero
-exit code (BRIDGE_DEBUG=1 shows the traceback); a failed conversion leaves no output
-directory. `verify` exits with 3 when the logits disagree.
+`--mcore` is an import output, or a `pretrain.py --save` directory (its latest iteration, or
+`--iteration N`), or one of its `iter_*` directories.
+
+Every failure is one line on stderr naming the file, tensor or key: exit code 2 for a usage
+mistake, 1 for a failed conversion, 130 for Ctrl-C (`--verbose` or BRIDGE_DEBUG=1 shows the
+traceback); a failed conversion leaves no output directory. `verify` exits with 3 when the
+logits disagree. Arguments are checked before PyTorch and Megatron-Core are imported.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 
-import torch
+from megatron_v4.runtime.command_line import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    ArgumentParser,
+    UsageError,
+    one_line,
+)
+from megatron_v4.runtime.quiet import verbose
 
-from bridge import convert
-
-IMPORT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-EXIT_FAILED = 1
+IMPORT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 EXIT_MISMATCH = 3
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bridge", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = ArgumentParser(prog="python -m bridge", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     imp = commands.add_parser("import", help="Hugging Face checkpoint -> Megatron-Core torch_dist checkpoint")
     imp.add_argument("--hf", required=True, help="checkpoint directory (config.json + safetensors, any naming)")
@@ -39,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     exp = commands.add_parser("export", help="Megatron-Core checkpoint (from import) -> official safetensors")
-    exp.add_argument("--mcore", required=True, help="checkpoint directory written by `import` (maybe trained since)")
+    exp.add_argument("--mcore", required=True,
+                     help="an `import` output (maybe trained since) or a pretrain.py --save directory")
+    exp.add_argument("--iteration", type=int, help="with a --save directory: the iteration (default: latest)")
     exp.add_argument("--out", required=True, help="Hugging Face checkpoint directory to create")
     exp.add_argument("--dtype", choices=["source", "bf16"], default="source",
                      help="source: re-quantise every tensor to its original format (default); bf16: no FP8/FP4")
@@ -49,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     ver = commands.add_parser("verify", help="logits of transformers (HF checkpoint) vs Megatron-Core (imported)")
     ver.add_argument("--hf", required=True)
     ver.add_argument("--mcore", required=True)
+    ver.add_argument("--iteration", type=int, help="with a --save directory: the iteration (default: latest)")
     ver.add_argument("--sequences", type=int, default=3)
     ver.add_argument("--seq-len", type=int, default=48)
     ver.add_argument("--min-cosine", type=float, default=0.999)
@@ -60,8 +69,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    # After the argument checks: importing PyTorch, Megatron-Core and transformers takes seconds.
+    import torch
+
+    from bridge import convert
+
     if args.command == "import":
-        report = convert.import_checkpoint(args.hf, args.out, IMPORT_DTYPES[args.dtype], args.force,
+        dtype = getattr(torch, IMPORT_DTYPES[args.dtype])
+        report = convert.import_checkpoint(args.hf, args.out, dtype, args.force,
                                            progress=not args.quiet)
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(report.quantised.items()))
         print(f"imported {report.tensors} tensors ({kinds}; {report.naming} naming), "
@@ -69,12 +84,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "export":
         report = convert.export_checkpoint(args.mcore, args.out, args.dtype, args.force,
-                                           max_shard_bytes=int(args.max_shard_gb * 1e9), progress=not args.quiet)
+                                           max_shard_bytes=int(args.max_shard_gb * 1e9), progress=not args.quiet,
+                                           iteration=args.iteration)
         print(f"exported {report.tensors} tensors ({report.quantised_tensors} re-quantised, "
               f"{report.fresh_scale_blocks} blocks with a fresh scale), {report.written_bytes / 1e9:.3f} GB "
               f"in {len(report.files)} file(s), {report.seconds:.1f} s -> {args.out}")
         return 0
-    report = convert.verify(args.hf, args.mcore, args.sequences, args.seq_len)
+    report = convert.verify(args.hf, args.mcore, args.sequences, args.seq_len, iteration=args.iteration)
     ok = report.passed(args.min_cosine, args.min_argmax)
     print(f"verify: {report.sequences}x{report.seq_len} tokens, max |diff| {report.max_abs_diff:.3g} "
           f"(max |logit| {report.max_abs_logit:.3g}), min cosine {report.min_cosine:.6f}, "
@@ -82,26 +98,27 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else EXIT_MISMATCH
 
 
-def quiet_libraries() -> None:
-    """Keep Megatron-Core's, PyTorch's and transformers' set-up warnings off a conversion's output."""
-    warnings.filterwarnings("ignore", module=r"(megatron|torch|transformers)(\.|$)")
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|absl|RoPE scaling).*")
-    logging.getLogger().setLevel(logging.ERROR)
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+def check_args(args: argparse.Namespace) -> None:
+    """Mistakes answered before the heavy imports."""
+    for flag in ("hf", "mcore"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.path.isdir(path):
+            raise UsageError(f"--{flag} {path or repr(path)}: no such directory")
+    if getattr(args, "max_shard_gb", 1.0) <= 0:
+        raise UsageError(f"--max-shard-gb {args.max_shard_gb} must be > 0")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code (every failure is one line on stderr)."""
     args = _parser().parse_args(argv)
-    quiet_libraries()
     try:
+        check_args(args)
         return run(args)
     except KeyboardInterrupt:
         print("error: interrupted; no output was written", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as e:  # every failure is one line (BRIDGE_DEBUG=1 shows the traceback)
-        if os.environ.get("BRIDGE_DEBUG"):
+        return EXIT_INTERRUPTED
+    except BaseException as e:  # incl. torch.distributed's CheckpointException, a BaseException
+        if isinstance(e, SystemExit) or verbose() or os.environ.get("BRIDGE_DEBUG"):
             raise
-        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        known = isinstance(e, (OSError, ValueError, KeyError, RuntimeError, NotImplementedError))
-        print(f"error: {'' if known else type(e).__name__ + ': '}{' '.join(message.split())}", file=sys.stderr)
-        return EXIT_FAILED
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED

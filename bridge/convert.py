@@ -24,11 +24,13 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 
+from bridge.checkpoint_dirs import RECORD_DIR, RECORD_FILE, SCALES_DIR, resolve_checkpoint
 from bridge.conversion_plan import ConversionPlan, TensorPlan
 from bridge.hf_config import (
     DeepSeekV4HFConfig,
@@ -46,17 +48,15 @@ from bridge.mcore_checkpoint import (
     with_dtypes,
     write_checkpoint,
 )
-from bridge.mcore_naming import detect_expert_form
+from bridge.hf_naming import OFFICIAL
+from bridge.mcore_naming import SEQUENTIAL_EXPERTS, detect_expert_form
 from bridge.output_dir import atomic_output_dir
 from bridge.progress import Progress
-from bridge.quantisation import FP4, SourceFormat, dtype_name, requantise, scale_name
+from bridge.quantisation import FP4, SourceFormat, dtype_name, release_plain_format, requantise, scale_name
 from bridge.safetensors_io import PlannedTensor, SafetensorsCheckpoint, SafetensorsWriter
 from megatron_v4.model import DeepSeekV4Model
 from megatron_v4.runtime import destroy, initialize
 
-RECORD_DIR = "dsv4_bridge"
-RECORD_FILE = "source.json"
-SCALES_DIR = "scales"
 RECORD_FORMAT = "megatron_v4.bridge.source/2"
 EXPORT_DTYPES = ("source", "bf16")
 READ_GROUP_BYTES = 256 << 20
@@ -75,6 +75,14 @@ class SourceRecord:
     mtp_num_layers: int
     expert_form: str
     tensors: dict[str, SourceFormat] = field(default_factory=dict)
+    """Each official tensor's stored format in the source checkpoint."""
+    fresh: bool = False
+    """No source checkpoint (a model trained from random init): every tensor has the release's plain
+    dtype (`release_plain_format`) and `tensors` is empty."""
+
+    def format_of(self, official: str) -> SourceFormat | None:
+        return release_plain_format(official, torch.int64 if official.endswith("tid2eid") else torch.bfloat16) \
+            if self.fresh else self.tensors.get(official)
 
     def save(self, directory: str) -> None:
         data = dataclasses.asdict(self)
@@ -97,6 +105,43 @@ class SourceRecord:
             raise CheckpointError(f"{path}: not a {RECORD_FORMAT} record")
         data["tensors"] = {name: SourceFormat.from_json(fmt) for name, fmt in data["tensors"].items()}
         return cls(**data)
+
+    def for_model(self, dtype: torch.dtype, mtp_num_layers: int, expert_form: str) -> SourceRecord:
+        """This record describing a model of this dtype, MTP depth and expert form (a training run's)."""
+        return dataclasses.replace(self, dtype=dtype_name(dtype), mtp_num_layers=mtp_num_layers,
+                                   expert_form=expert_form)
+
+
+def record_of_hf_checkpoint(hf_dir: str | os.PathLike) -> SourceRecord:
+    """The record of a model started from a Hugging Face checkpoint's weights (its formats, no scales)."""
+    source = HFSource(hf_dir)
+    return SourceRecord(
+        naming=source.naming,
+        config_flavour=source.config.flavour,
+        dtype="bfloat16",
+        mtp_num_layers=carried_mtp_layers(source.config, source.names()),
+        expert_form=SEQUENTIAL_EXPERTS,
+        tensors={name: stored.format for name, stored in source.tensors.items()},
+    )
+
+
+def fresh_record(config: DeepSeekV4HFConfig) -> SourceRecord:
+    """The record of a model with no source checkpoint (random init), exported in official naming."""
+    return SourceRecord(naming=OFFICIAL, config_flavour=config.flavour, dtype="bfloat16",
+                        mtp_num_layers=config.num_nextn_predict_layers, expert_form=SEQUENTIAL_EXPERTS, fresh=True)
+
+
+def write_record(directory: str | os.PathLike, config: DeepSeekV4HFConfig, record: SourceRecord,
+                 scales_from: str | os.PathLike | None = None) -> None:
+    """`directory/dsv4_bridge/`: what export needs beside the weights (the architecture, the record, and
+    the original FP8/FP4 scales of `scales_from`, a checkpoint directory holding some)."""
+    record_dir = os.path.join(os.fspath(directory), RECORD_DIR)
+    os.makedirs(record_dir, exist_ok=True)
+    write_official_config(config, record_dir)
+    record.save(record_dir)
+    scales = os.path.join(os.fspath(scales_from), RECORD_DIR, SCALES_DIR) if scales_from else None
+    if scales and os.path.isdir(scales):
+        shutil.copytree(scales, os.path.join(record_dir, SCALES_DIR), dirs_exist_ok=True)
 
 
 class _ScaleShards:
@@ -312,15 +357,17 @@ def export_checkpoint(
     force: bool = False,
     max_shard_bytes: int = 1 << 30,
     progress: bool = True,
+    iteration: int | None = None,
 ) -> ExportReport:
-    """Megatron-Core checkpoint written by `import_checkpoint` (maybe trained since) -> official safetensors.
+    """Megatron-Core checkpoint -> official safetensors. `mcore_dir` is an import (maybe trained since),
+    a training save directory (its latest iteration, or `iteration`) or one of its `iter_*` directories.
 
     `dtype="source"` re-quantises each tensor to the format it had in the source checkpoint;
     `"bf16"` writes the FP8/FP4 and bf16 tensors as bf16 (fp32 and integer ones keep their dtype).
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r}: use one of {EXPORT_DTYPES}")
-    mcore_dir = os.fspath(mcore_dir)
+    mcore_dir = resolve_checkpoint(mcore_dir, iteration)
     record = SourceRecord.load(mcore_dir)
     config = read_hf_config(os.path.join(mcore_dir, RECORD_DIR))
     scales_dir = os.path.join(mcore_dir, RECORD_DIR, SCALES_DIR)
@@ -328,12 +375,12 @@ def export_checkpoint(
     report = ExportReport(len(record.tensors), 0, 0.0)
     with _single_rank():
         sharded, sharding, _ = _meta_model(config, getattr(torch, record.dtype), record.mtp_num_layers)
-        plan = ConversionPlan(record.expert_form, record.tensors)
+        plan = ConversionPlan(record.expert_form)
         forms, announced = {}, []
         for name, tensor_sharding in sharding.items():
             tensor = plan.tensor(name)
-            for official, fmt in zip(tensor.official, tensor.formats):
-                forms[official] = export_form(official, fmt, dtype)
+            for official in tensor.official:
+                forms[official] = export_form(official, record.format_of(official), dtype)
                 announced += _announced(official, forms[official], tensor.official_shape(tensor_sharding.data.shape))
         reader = CheckpointReader(mcore_dir, sharded)
         total = sum(math.prod(s.data.shape) * reader.stored_dtype(n).itemsize for n, s in sharding.items())
@@ -404,24 +451,35 @@ def _as_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float32) if tensor.is_floating_point() else tensor
 
 
-def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, **config_overrides):
-    """`DeepSeekV4Model` (this rank's pipeline stage and shards) loaded from a checkpoint written by import.
+def load_model_weights(model: DeepSeekV4Model, checkpoint_dir: str | os.PathLike) -> None:
+    """The model weights of a `torch_dist` checkpoint (an import or a training checkpoint, whose optimizer,
+    scheduler and RNG states are left on disk), at the model's parallel layout."""
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, os.fspath(checkpoint_dir))
+    model.load_state_dict(loaded["model"])
+
+
+def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        iteration: int | None = None, **config_overrides):
+    """`DeepSeekV4Model` (this rank's pipeline stage and shards), in eval mode, with the weights of an
+    import or a training checkpoint (see `export_checkpoint` for `mcore_dir` and `iteration`).
 
     Extra keyword arguments go to the `DeepSeekV4TransformerConfig`.
     """
-    mcore_dir = os.fspath(mcore_dir)
+    mcore_dir = resolve_checkpoint(mcore_dir, iteration)
     record = SourceRecord.load(mcore_dir)
     config = read_hf_config(os.path.join(mcore_dir, RECORD_DIR))
     model = DeepSeekV4Model(
         transformer_config(config, dtype, mtp_num_layers=record.mtp_num_layers, **config_overrides),
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        max_sequence_length=config.max_position_embeddings,
     ).eval()
-    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), mcore_dir))
+    load_model_weights(model, mcore_dir)
     return model
 
 
-def verify(hf_dir, mcore_dir, sequences: int = 3, seq_len: int = 48, seed: int = 0) -> VerifyReport:
+def verify(hf_dir, mcore_dir, sequences: int = 3, seq_len: int = 48, seed: int = 0,
+           iteration: int | None = None) -> VerifyReport:
     """Logits of transformers on the Hugging Face checkpoint and of Megatron-Core on the imported one."""
     reference = hf_reference_model(hf_dir)
     vocab = reference.config.vocab_size
@@ -429,7 +487,7 @@ def verify(hf_dir, mcore_dir, sequences: int = 3, seq_len: int = 48, seed: int =
     with torch.no_grad():
         expected = reference(input_ids=input_ids).logits.float()
     with _single_rank():
-        model = load_megatron_model(mcore_dir)
+        model = load_megatron_model(mcore_dir, iteration=iteration)
         with torch.no_grad():
             got = model(input_ids).float()
     cosine = torch.nn.functional.cosine_similarity(got.flatten(0, 1), expected.flatten(0, 1), dim=-1)

@@ -17,6 +17,7 @@ fresh amax scale.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -62,6 +63,20 @@ class SourceFormat:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+
+# How the released checkpoints store each official tensor (the DeepSeek-V4 releases' safetensors).
+FP8_WEIGHTS = r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|shared_experts\.w[123])\.weight$"
+FP4_WEIGHTS = r"\.experts\.\d+\.w[123]\.weight$"
+FP32_TENSORS = r"(hc_\w+_(fn|base|scale)|attn_sink|\.ape|gate\.bias)$"
+
+
+def release_plain_format(name: str, dtype: torch.dtype = torch.bfloat16) -> SourceFormat:
+    """The unquantised format the releases give tensor `name`: fp32 for the mHC, sink, ape and gate-bias
+    tensors, integers as they are (`tid2eid`), bf16 for everything else (FP8/FP4 weights included)."""
+    if not dtype.is_floating_point:
+        return SourceFormat(dtype_name(dtype))
+    return SourceFormat("float32" if re.search(FP32_TENSORS, name) else "bfloat16")
 
 
 def scale_name(weight_name: str) -> str:

@@ -26,7 +26,19 @@ import torch
 
 from bridge.hf_config import DeepSeekV4HFConfig, YarnScaling, transformers_config, write_official_config
 from bridge.hf_naming import OFFICIAL, TRANSFORMERS_MODULE, TRANSFORMERS_SAVED, TRANSLATORS
-from bridge.quantisation import DEFAULT_FP8_BLOCK, E8M0, FP4, FP4_GROUP, FP8, SourceFormat, quantise_with_scale, requantise
+from bridge.quantisation import (
+    DEFAULT_FP8_BLOCK,
+    E8M0,
+    FP4,
+    FP4_GROUP,
+    FP4_WEIGHTS,
+    FP8,
+    FP8_WEIGHTS,
+    SourceFormat,
+    release_plain_format,
+    quantise_with_scale,
+    requantise,
+)
 from bridge.safetensors_io import write_safetensors
 
 TINY = DeepSeekV4HFConfig(
@@ -164,11 +176,6 @@ def make_tiny_mtp(cfg: DeepSeekV4HFConfig = TINY, seed: int = 0) -> dict[str, to
 
 
 # --- quantised storage like the released checkpoints ---------------------------------------------
-FP8_WEIGHTS = r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|shared_experts\.w[123])\.weight$"
-FP4_WEIGHTS = r"\.experts\.\d+\.w[123]\.weight$"
-FP32_TENSORS = r"(hc_\w+_(fn|base|scale)|attn_sink|\.ape|gate\.bias)$"
-
-
 def _quantised_like_release(weight: torch.Tensor, fmt: SourceFormat, g: torch.Generator):
     """(stored weight, scale): amax scales, a quarter of the blocks' scales doubled."""
     _, scale, _ = requantise(weight, fmt)
@@ -193,8 +200,7 @@ def quantise_like_release(
         elif re.search(FP8_WEIGHTS, name):
             fmt = SourceFormat("float8_e4m3fn", FP8, str(fp8_scale_dtype).removeprefix("torch."), tuple(fp8_block))
         else:
-            keep_fp32 = re.search(FP32_TENSORS, name) or not tensor.is_floating_point()
-            out[name] = tensor if keep_fp32 else tensor.to(torch.bfloat16)
+            out[name] = tensor.to(release_plain_format(name, tensor.dtype).torch_dtype)
             continue
         out[name], out[name.removesuffix(".weight") + ".scale"] = _quantised_like_release(tensor, fmt, g)
     return out

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import sys
 
+from bridge.checkpoint_dirs import CONFIG_FILE, RECORD_DIR, resolve_checkpoint
 from megatron_v4.runtime.command_line import (
     ArgumentParser,
     UsageError,
@@ -38,14 +39,15 @@ from megatron_v4.runtime.command_line import (
 )
 
 DEFAULT_TINY_DIR = "/tmp/dsv4-tiny-generate"
-RECORD_DIR = "dsv4_bridge"  # bridge.convert.RECORD_DIR, read here before the bridge is imported
 
 
 def parse_args(argv):
     parser = ArgumentParser(prog="generate.py", description=__doc__)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--hf", help="Hugging Face checkpoint directory (any of the three namings)")
-    source.add_argument("--mcore", help="Megatron-Core checkpoint written by `python -m bridge import`")
+    source.add_argument("--mcore", help="Megatron-Core checkpoint: a `python -m bridge import` output or a "
+                        "pretrain.py --save directory (its latest iteration, or --iteration N)")
+    parser.add_argument("--iteration", type=int, help="with --mcore SAVE_DIR: the iteration to load")
     parser.add_argument("--tiny-dir", default=DEFAULT_TINY_DIR,
                         help="without --hf/--mcore: where the tiny random checkpoint is (made if missing)")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
@@ -84,8 +86,13 @@ def check_args(args):
     if args.hf:
         config_dir = existing_directory(args.hf, "--hf")
     elif args.mcore:
-        existing_directory(args.mcore, "--mcore", expect=None)
-        config_dir = existing_directory(os.path.join(args.mcore, RECORD_DIR), "--mcore")
+        try:
+            args.mcore = resolve_checkpoint(args.mcore, args.iteration)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--mcore: {e}") from e
+        config_dir = os.path.join(args.mcore, RECORD_DIR)
+    elif args.iteration is not None:
+        raise UsageError("--iteration chooses a checkpoint of --mcore DIR; give --mcore")
     if args.tokenizer:
         existing_directory(args.tokenizer, "--tokenizer", expect=None)
     if args.prompt_ids is not None:
@@ -96,7 +103,7 @@ def check_args(args):
         if not args.prompt_token_ids:
             raise UsageError("--prompt-ids is empty; give comma-separated integers, e.g. 1,2,3")
         if config_dir:
-            config = read_json(os.path.join(config_dir, "config.json"), "config.json")
+            config = read_json(os.path.join(config_dir, CONFIG_FILE), CONFIG_FILE)
             vocab = config.get("vocab_size")
             bad = [t for t in args.prompt_token_ids if vocab and not 0 <= t < vocab]
             if bad:

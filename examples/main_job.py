@@ -1,6 +1,6 @@
 """The main job: a tiny DeepSeek-V4 checkpoint through the whole conversion, with a short report.
 
-    python examples/main_job.py [--workdir DIR] [--keep]
+    python examples/main_job.py [--workdir DIR [--force]] [--keep]
 
 1. makes a tiny official checkpoint (names and config) stored like the release: FP8 e4m3
    attention and shared-expert weights with 128x128 E8M0 block scales, FP4 e2m1
@@ -16,28 +16,27 @@ Exits non-zero on any mismatch.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from bridge.cli import quiet_libraries
-from bridge.safetensors_io import SafetensorsCheckpoint
+from megatron_v4.runtime.command_line import ArgumentParser, UsageError, run_main
 
 LOGIT_TOLERANCE = 1e-4
 """Largest |logit difference| allowed, relative to the largest |logit| (both models compute in fp32)."""
 
 
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
-
-
 def compare(source_dir: Path, exported_dir: Path) -> tuple[int, list[str]]:
     """(tensors compared, names whose dtype, shape or bytes differ or that are missing on one side)."""
+    import torch
+
+    from bridge.safetensors_io import SafetensorsCheckpoint
+
+    def _bytes(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().reshape(-1).view(torch.uint8)
+
     source, exported = SafetensorsCheckpoint(source_dir), SafetensorsCheckpoint(exported_dir)
     names = sorted(set(source.names()) | set(exported.names()))
     bad = []
@@ -51,21 +50,26 @@ def compare(source_dir: Path, exported_dir: Path) -> tuple[int, list[str]]:
     return len(names), bad
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="main_job.py", description=__doc__)
     parser.add_argument("--workdir", help="where to write the checkpoints (default: a temporary directory)")
+    parser.add_argument("--force", action="store_true", help="replace the checkpoints a previous run left in --workdir")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     parser.add_argument("--seq-len", type=int, default=140, help="verify sequence length (140 spans the HCA ratio)")
-    args = parser.parse_args()
-    quiet_libraries()
-    from bridge import convert  # after quieting: importing Megatron-Core warns about optional packages
-    from bridge.tiny import make_tiny_checkpoint
-
+    args = parser.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dsv4-main-job-"))
     hf, mcore, exported = work / "tiny-dsv4-hf", work / "tiny-dsv4-mcore", work / "tiny-dsv4-exported"
-    for path in (hf, mcore, exported):
-        if path.exists():
-            shutil.rmtree(path)
+    left = [str(path) for path in (hf, mcore, exported) if path.exists()]
+    if left and not args.force:
+        raise UsageError(f"--workdir {work} holds {left[0]} from an earlier run; pass --force to replace it")
+    for path in left:
+        shutil.rmtree(path)
+    # After the argument checks: importing PyTorch, Megatron-Core and transformers takes seconds.
+    import torch
+
+    from bridge import convert
+    from bridge.tiny import make_tiny_checkpoint
+
     start = time.perf_counter()
     try:
         make_tiny_checkpoint(hf, quantised=True, max_shard_bytes=200_000)
@@ -99,4 +103,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main("main_job.py", lambda: sys.exit(main(sys.argv[1:])))

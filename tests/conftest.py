@@ -15,8 +15,9 @@ import megatron_v4.model  # noqa: E402,F401
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-@pytest.fixture(autouse=True)
-def _quiet_known_library_warnings():
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
     """The library messages the tools hide as harmless (megatron_v4/runtime/quiet.py) stay out of the
-    warnings summary too (pytest restores its own filters for every test); anything else shows."""
+    warnings summary too: pytest gives every test fresh filters, and this runs inside them before the
+    test's fixtures are set up. Anything else still shows."""
     quiet_known_warnings()

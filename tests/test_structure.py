@@ -155,6 +155,7 @@ def test_config_defaults_are_deepseek_v4():
         ),
     ],
 )
+@pytest.mark.filterwarnings("ignore:If you are using transformer_engine")
 def test_config_refuses_to_override_an_explicit_choice(override, message):
     with pytest.raises(ValueError, match=message):
         DeepSeekV4TransformerConfig(**TINY, **override)

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from bridge import AutoBridge, make_tiny_checkpoint
-from bridge.convert import RECORD_DIR, load_megatron_model
+from bridge.checkpoint_dirs import RECORD_DIR
+from bridge.convert import load_megatron_model
 from megatron_v4.inference.generation import SamplingParams, generate
 from megatron_v4.runtime.command_line import UsageError
 from megatron_v4.runtime.parallel import destroy, initialize

@@ -9,7 +9,6 @@ from megatron_v4.training.model_setup import (
     build_model,
     build_optimizer,
     checkpoint_mtp_layers,
-    load_model_weights,
     read_architecture,
     transformer_config,
 )
@@ -26,7 +25,6 @@ __all__ = [
     "checkpoint_mtp_layers",
     "latest_checkpoint",
     "load_checkpoint",
-    "load_model_weights",
     "prepare_for_training",
     "read_architecture",
     "save_checkpoint",

@@ -11,11 +11,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from bridge.convert import RECORD_DIR
-from bridge.hf_config import write_official_config
+from bridge.checkpoint_dirs import LATEST_FILE, iteration_dir, latest_iteration
+from bridge.convert import SourceRecord, write_record
 from megatron_v4.runtime import layout
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
 OPTIMIZER_SHARDING = "dp_reshardable"
 """How the distributed optimizer's state is saved: resumable at another data-parallel size, not at other
 TP/PP/EP sizes (the model weights load at any layout). Megatron-Core's "fully_reshardable" format fails to
@@ -67,13 +66,12 @@ def _training_state_dict(bare, optimizer, is_loading: bool) -> dict:
     }
 
 
-def checkpoint_path(save_dir: str, step: int) -> str:
-    return os.path.join(save_dir, f"iter_{step:07d}")
-
-
-def save_checkpoint(save_dir: str, step: int, bare, optimizer, scheduler, arch, consumed_samples: int) -> str:
-    """Write `save_dir/iter_<step>` (torch_dist) and point `save_dir/latest_checkpointed_iteration.txt` at it."""
-    path = checkpoint_path(save_dir, step)
+def save_checkpoint(save_dir: str, step: int, bare, optimizer, scheduler, arch, record: SourceRecord,
+                    consumed_samples: int, scales_from: str | None = None) -> str:
+    """Write `save_dir/iter_<step>` (torch_dist) with its export record (`bridge.convert.write_record`:
+    the architecture, `record`, and the original FP8/FP4 scales of `scales_from` if it has some), and
+    point `save_dir/latest_checkpointed_iteration.txt` at it."""
+    path = iteration_dir(save_dir, step)
     if dist.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
     dist.barrier()
@@ -86,7 +84,7 @@ def save_checkpoint(save_dir: str, step: int, bare, optimizer, scheduler, arch, 
     )
     dist_checkpointing.save(state, path)
     if dist.get_rank() == 0:
-        write_official_config(arch, os.path.join(path, RECORD_DIR))
+        write_record(path, arch, record, scales_from)
         with open(os.path.join(save_dir, LATEST_FILE), "w") as f:
             f.write(f"{step}\n")
     dist.barrier()
@@ -95,11 +93,8 @@ def save_checkpoint(save_dir: str, step: int, bare, optimizer, scheduler, arch, 
 
 def latest_checkpoint(load_dir: str) -> str | None:
     """`load_dir`'s latest training checkpoint, or None when `load_dir` is not a training save directory."""
-    latest = os.path.join(load_dir, LATEST_FILE)
-    if not os.path.exists(latest):
-        return None
-    with open(latest) as f:
-        return checkpoint_path(load_dir, int(f.read().strip()))
+    latest = latest_iteration(load_dir)
+    return None if latest is None else iteration_dir(load_dir, latest)
 
 
 def _restore_adam_steps(optimizer) -> None:

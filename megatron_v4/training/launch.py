@@ -17,6 +17,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from bridge import AutoBridge, read_hf_config
+from bridge.convert import SourceRecord, fresh_record, load_model_weights, record_of_hf_checkpoint
 from bridge.tiny import TINY
 from megatron_v4.runtime.parallel import destroy, initialize
 from megatron_v4.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -25,7 +26,7 @@ from megatron_v4.training.model_setup import (
     build_model,
     build_optimizer,
     checkpoint_mtp_layers,
-    load_model_weights,
+    export_record,
     read_architecture,
     transformer_config,
 )
@@ -165,6 +166,14 @@ def _train(args, layout) -> list[dict]:
         if dist.get_rank() == 0:
             log.info("model weights from %s", args.hf)
 
+    # What `bridge export` needs to write this run's checkpoints back to Hugging Face: the record of the
+    # weights it started from (an import's, with its original scales; a HF checkpoint's; or none).
+    if weights:
+        record, scales_from = export_record(bare, SourceRecord.load(weights)), weights
+    else:
+        base = record_of_hf_checkpoint(args.hf) if args.hf else fresh_record(arch)
+        record, scales_from = export_record(bare, base), None
+
     data = dataset(args, order, config.vocab_size)
     stop = args.train_iters if args.exit_after is None else min(args.train_iters, args.exit_after)
     history = []
@@ -185,7 +194,8 @@ def _train(args, layout) -> list[dict]:
         periodic = args.save_interval and done % args.save_interval == 0
         if args.save and (periodic or done == stop):
             path = save_checkpoint(
-                args.save, done, bare, optimizer, scheduler, arch, consumed_samples=done * order.global_batch_size
+                args.save, done, bare, optimizer, scheduler, arch, record,
+                consumed_samples=done * order.global_batch_size, scales_from=scales_from,
             )
             if dist.get_rank() == 0:
                 log.info("saved %s", path)

@@ -4,15 +4,16 @@ weights from a `torch_dist` checkpoint (a `bridge import` output or a training c
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer.module import Float16Module
 
-from bridge.convert import RECORD_DIR
+from bridge.checkpoint_dirs import RECORD_DIR
+from bridge.convert import SourceRecord
+from bridge.mcore_naming import detect_expert_form
 from bridge.hf_config import read_hf_config
 from bridge.hf_config import transformer_config as transformer_config  # training's config: the bridge's one mapping
 from megatron_v4.config import DeepSeekV4TransformerConfig
@@ -47,13 +48,6 @@ def build_model(config: DeepSeekV4TransformerConfig, use_distributed_optimizer: 
     return DistributedDataParallel(config, ddp_config, module), bare
 
 
-def load_model_weights(bare: DeepSeekV4Model, checkpoint_dir: str) -> None:
-    """Model weights only, from a `torch_dist` checkpoint (`bridge import` or one of ours), at any layout."""
-    sharded = bare.sharded_state_dict()
-    loaded = dist_checkpointing.load({"model": sharded}, checkpoint_dir)
-    bare.load_state_dict(loaded["model"])
-
-
 def read_architecture(checkpoint_dir: str):
     """The architecture a checkpoint records in `dsv4_bridge/config.json`."""
     path = os.path.join(checkpoint_dir, RECORD_DIR, "config.json")
@@ -64,10 +58,14 @@ def read_architecture(checkpoint_dir: str):
     return read_hf_config(path)
 
 
-def checkpoint_mtp_layers(checkpoint_dir: str) -> int | None:
-    """MTP layers of the model a checkpoint holds (None: the architecture's own count)."""
-    record = os.path.join(checkpoint_dir, RECORD_DIR, "source.json")
-    if os.path.exists(record):
-        with open(record) as f:
-            return json.load(f).get("mtp_num_layers")
-    return None
+def checkpoint_mtp_layers(checkpoint_dir: str) -> int:
+    """MTP layers of the model a checkpoint holds."""
+    return SourceRecord.load(checkpoint_dir).mtp_num_layers
+
+
+def export_record(model: DeepSeekV4Model, base: SourceRecord) -> SourceRecord:
+    """The record a checkpoint of `model` carries so that `bridge export` can write it back to Hugging
+    Face: `base` (the record of the weights it started from) for this model's dtype, MTP depth and
+    expert form."""
+    config = model.config
+    return base.for_model(config.params_dtype, config.mtp_num_layers or 0, detect_expert_form(model.state_dict()))
