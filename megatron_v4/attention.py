@@ -338,6 +338,8 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             if self.tp_group.size() > 1:
                 dist.all_reduce(teacher_mass, group=self.tp_group)
         kl = self.indexer.distillation_loss(hidden_states, q_compressed, positions, index_keys, teacher_mass, picks)
+        # The whole sequence (gathered under sequence parallelism): every tensor-parallel rank holds
+        # the same loss and back-propagates it into its own indexer heads.
         seq_len, batch = positions.shape
         loss = kl * (self.config.indexer_loss_coeff / (seq_len * batch))
         IndexerLossTracker.record(self.layer_number, loss)

@@ -237,6 +237,10 @@ def train(
 def train_runs(runs: list[tuple[dict, dict]], full: dict | None = None) -> list[dict]:
     """`train` for each (layout kwargs, config overrides) in turn, in one group of ranks; with
     `full=None` the first run draws the weights and the later ones load them."""
+    # One process group for all runs (`initialize` then leaves it up): a second rendezvous on the
+    # harness's port would hang.
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
     results = []
     for layout_kwargs, overrides in runs:
         results.append(train(layout_kwargs, full, overrides))
