@@ -1,4 +1,4 @@
-"""DeepSeek-V4 hybrid attention (spec section 3) as a Megatron-Core module.
+"""DeepSeek-V4 hybrid attention (DeepSeek-V4 report; official inference/model.py) as a Megatron-Core module.
 
 One class serves the three layer types; `compress_ratios[layer_number - 1]`
 picks the type:
@@ -353,7 +353,7 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         return self.linear_proj(output)
 
     def _start_decode(self, context, hidden_states, positions, key_value, entries, index_keys) -> None:
-        """Prefill: keep what later tokens need (spec section 3, "Decode state")."""
+        """Prefill: keep what later tokens need (the layer's caches in the official inference code)."""
         seq_len, batch, _ = hidden_states.shape
         if positions[0, 0].item() != 0:
             raise ValueError(

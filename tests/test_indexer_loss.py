@@ -10,7 +10,7 @@ It reuses only the layer's projections, norms, rotary tables and compressors
 (checked against transformers by test_attention_parity.py).
 
 Float32, one rank, except `test_layouts_train_the_indexer_like_one_rank`
-(tests/dsv4_layout_ranks.py: TP2+SP, EP2, PP2 and TP2+SP+PP2 against one rank,
+(tests/dsv4_layout_ranks.py: TP2+SP, EP2, PP2, PP2+VPP2 and TP2+SP+PP2 against one rank,
 plus full activation recompute, over 3 optimizer steps).
 """
 
@@ -327,16 +327,18 @@ INDEXER_TRAINING = dict(indexer_loss_coeff=1.0, indexer_use_sparse_loss=True)
 LAYOUT_RUNS = {
     1: [({}, INDEXER_TRAINING),
         ({}, dict(INDEXER_TRAINING, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1))],
-    2: [(dict(tp=2, sp=True), INDEXER_TRAINING), (dict(ep=2), INDEXER_TRAINING), (dict(pp=2), INDEXER_TRAINING)],
+    2: [(dict(tp=2, sp=True), INDEXER_TRAINING), (dict(ep=2), INDEXER_TRAINING), (dict(pp=2), INDEXER_TRAINING),
+        (dict(pp=2, vpp=2), INDEXER_TRAINING)],
     4: [(dict(tp=2, sp=True, pp=2), INDEXER_TRAINING)],
 }
-LAYOUT_TAGS = {1: ["one-rank", "recompute"], 2: ["tp2sp", "ep2", "pp2"], 4: ["tp2sp-pp2"]}
+LAYOUT_TAGS = {1: ["one-rank", "recompute"], 2: ["tp2sp", "ep2", "pp2", "pp2-vpp2"], 4: ["tp2sp-pp2"]}
 
 
 @pytest.mark.timeout(600)
 def test_layouts_train_the_indexer_like_one_rank():
     """Indexer loss (sparse phase), its logged value and every gradient and weight over three
-    steps: TP2+SP (the teacher all-reduced over TP), EP2, PP2, TP2+SP+PP2 and full recompute
+    steps: TP2+SP (the teacher all-reduced over TP), EP2, PP2, PP2 with virtual stages, TP2+SP+PP2
+    and full recompute
     against one rank. One group of ranks per world size."""
     ((reference, recomputed),) = run_on_ranks(layout_ranks.train_runs, 1, LAYOUT_RUNS[1], timeout=300)
     assert min(reference["indexer_losses"]) > 0
