@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from torch.utils.checkpoint import checkpoint
 
 from megatron_v4.config import CSA, DeepSeekV4TransformerConfig
 from megatron_v4.decode_state import CompressorDecodeState

@@ -29,10 +29,14 @@ recomputation of a checkpointed layer), so activation recompute counts it once.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.transformer.experimental_attention_variant.dsa import DSAIndexerLossAutoScaler
+from megatron.core.transformer.experimental_attention_variant.dsa import (
+    DSAIndexerLossAutoScaler,
+)
 
 # Megatron-Core's scaler for its own (DSA) indexer loss: forward(output, loss) -> output; the backward
 # gives `loss` the gradient set by `set_loss_scale`.
@@ -60,7 +64,7 @@ class IndexerLossTracker:
     step's forward/backward, every rank calls `step_mean(num_microbatches)`, then `reset()`.
     """
 
-    sums: dict[int, torch.Tensor] = {}
+    sums: ClassVar[dict[int, torch.Tensor]] = {}  # layer number -> sum over micro-batches
 
     @classmethod
     def record(cls, layer_number: int, loss: torch.Tensor) -> None:
