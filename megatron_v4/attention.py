@@ -1,10 +1,11 @@
-"""DeepSeek-V4 hybrid attention (spec section 3) as a Megatron-Core module.
+"""DeepSeek-V4 hybrid attention (DeepSeek-V4 report; official inference/model.py) as a Megatron-Core module.
 
 One class serves the three layer types; `compress_ratios[layer_number - 1]`
 picks the type:
 
 - ratio 0, sliding window: each query t reads the keys at t-window+1 .. t;
-- ratio 4, CSA: the window plus the lightning indexer's top-k compressed entries;
+- ratio 4, CSA: the window plus the lightning indexer's top-k compressed entries
+  (with `csa_dense_attention`: every visible entry, as HCA);
 - ratio 128, HCA: the window plus every visible compressed entry.
 
 All types share: low-rank query (linear_q_down_proj -> q_layernorm ->
@@ -29,6 +30,13 @@ reading the 2W-1 keys its window can reach.
 - HCA: sliding + all n ~ t/128 entries (shared by all queries, no gather):
   H*n scores, ~4*H*c*n FLOPs.
 - compressors: ~2*coff*c*D FLOPs per token (coff = 2 for CSA, 1 for HCA) twice (kv, gate).
+
+Indexer training (`indexer_loss_coeff` > 0, see `megatron_v4.indexer_loss`): a CSA
+layer's training forward also computes the indexer's distillation loss against this
+layer's own entry probabilities (the float32 softmax, detached, head-summed and
+all-reduced over the tensor-parallel ranks: O(s * entries) more memory) and attaches
+it to the output. The dense loss goes with dense attention, the sparse loss with
+top-k attention, so the teacher is always exactly what the layer attends.
 
 Tensor parallelism: query heads, sinks, output groups and indexer heads are split
 over the tensor-parallel ranks; the KV head, compressors and q_down are
@@ -61,6 +69,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear
@@ -79,6 +88,7 @@ from megatron.core.transformer.utils import (
 from megatron_v4.compressor import build_replicated_linear
 from megatron_v4.config import CSA, SLIDING, DeepSeekV4TransformerConfig
 from megatron_v4.decode_state import AttentionDecodeState
+from megatron_v4.indexer_loss import IndexerLossAutoScaler, IndexerLossTracker
 from megatron_v4.rope import DeepSeekV4RotaryEmbedding, apply_rotary
 
 
@@ -249,6 +259,8 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             self.indexer = build_module(
                 submodules.indexer, config=full_sequence_config, tp_group=self.tp_group
             )
+        # CSA layers attend to the indexer's picks, unless in the dense phase.
+        self.topk_attention = self.indexer is not None and not config.csa_dense_attention
         self.rotary = DeepSeekV4RotaryEmbedding(config, compressed=self.compress_ratio != SLIDING)
 
     @staticmethod
@@ -294,16 +306,43 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         key_value = copy_to_tensor_model_parallel_region(key_value, group=self.tp_group)
 
         entries = picks = index_keys = None
+        # Only while autograd records: not in evaluation, nor in the no-grad first pass of a recomputed layer.
+        indexer_loss_on = (
+            self.indexer is not None
+            and self.config.indexer_loss_coeff > 0
+            and self.training
+            and torch.is_grad_enabled()
+        )
         if self.compressor is not None:
             entries = copy_to_tensor_model_parallel_region(self.compressor(hidden_states), group=self.tp_group)
-        if self.indexer is not None:
-            index_keys = self.indexer.compressor(hidden_states)
+        if self.topk_attention or indexer_loss_on:
+            # Detached: the indexer's keys get gradient from the indexer loss alone.
+            index_keys = self.indexer.compressor(hidden_states.detach())
+        if self.topk_attention:
             picks = self.indexer(hidden_states, q_compressed, positions, index_keys)
         if inference_context is not None:
             self._start_decode(inference_context, hidden_states, positions, key_value, entries, index_keys)
 
-        output = self._attend(query, key_value, entries, picks, positions)
-        return self._project_output(output, head_cos, head_sin)
+        output, entry_probabilities = self._attend(query, key_value, entries, picks, positions)
+        output, bias = self._project_output(output, head_cos, head_sin)
+        if indexer_loss_on and entry_probabilities is not None:
+            loss = self._indexer_loss(hidden_states, q_compressed, positions, index_keys, entry_probabilities, picks)
+            output = IndexerLossAutoScaler.apply(output, loss)
+        return output, bias
+
+    def _indexer_loss(self, hidden_states, q_compressed, positions, index_keys, entry_probabilities, picks):
+        """This micro-batch's indexer loss (`megatron_v4.indexer_loss`), recorded for logging."""
+        with torch.no_grad():
+            teacher_mass = entry_probabilities.sum(dim=2)  # [s, b, entries], this rank's heads
+            if self.tp_group.size() > 1:
+                dist.all_reduce(teacher_mass, group=self.tp_group)
+        kl = self.indexer.distillation_loss(hidden_states, q_compressed, positions, index_keys, teacher_mass, picks)
+        # The whole sequence (gathered under sequence parallelism): every tensor-parallel rank holds
+        # the same loss and back-propagates it into its own indexer heads.
+        seq_len, batch = positions.shape
+        loss = kl * (self.config.indexer_loss_coeff / (seq_len * batch))
+        IndexerLossTracker.record(self.layer_number, loss)
+        return loss
 
     def _project_output(self, output, head_cos, head_sin):
         """Inverse RoPE, then the grouped output projection; [s, b, H_local, c] -> (out [s, b, D], bias)."""
@@ -313,7 +352,7 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         return self.linear_proj(output)
 
     def _start_decode(self, context, hidden_states, positions, key_value, entries, index_keys) -> None:
-        """Prefill: keep what later tokens need (spec section 3, "Decode state")."""
+        """Prefill: keep what later tokens need (the layer's caches in the official inference code)."""
         seq_len, batch, _ = hidden_states.shape
         if positions[0, 0].item() != 0:
             raise ValueError(
@@ -326,7 +365,7 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             compressor=None if self.compressor is None else self.compressor.start_decode(
                 hidden_states, entries, max_length
             ),
-            indexer_compressor=None if self.indexer is None else self.indexer.compressor.start_decode(
+            indexer_compressor=None if not self.topk_attention else self.indexer.compressor.start_decode(
                 hidden_states, index_keys, max_length
             ),
             length=seq_len,
@@ -365,7 +404,7 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             if self.compressor is not None:
                 self.compressor.decode_step(hidden_states[i], position, state.compressor)
                 entries = state.compressor.emitted
-                if self.indexer is not None:
+                if self.topk_attention:
                     picks = self.indexer.decode_step(
                         hidden_states[i], q_compressed[i], position, state.indexer_compressor
                     )
@@ -391,8 +430,12 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             position_ids = position_ids.unsqueeze(0)
         return position_ids.transpose(0, 1).expand(seq_len, batch)
 
-    def _attend(self, query, key_value, entries, picks, positions) -> torch.Tensor:
-        """Softmax over window keys + compressed entries + sink; returns [s, b, H_local, c]."""
+    def _attend(self, query, key_value, entries, picks, positions):
+        """Softmax over window keys + compressed entries + sink.
+
+        Returns the output [s, b, H_local, c] and the entries' float32 probabilities, detached
+        ([s, b, H_local, entries or picks]; None without entries): the indexer's teacher.
+        """
         seq_len = query.shape[0]
         window_scores, window_visible, window_keys = self._window_scores(query, key_value)
         logits = [window_scores.masked_fill(~window_visible, float("-inf"))]
@@ -400,18 +443,20 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             entry_keys, entry_scores, entry_visible = self._entry_scores(query, entries, picks, positions)
             logits.append(entry_scores.masked_fill(~entry_visible, float("-inf")))
         sink = self.attn_sink.view(1, 1, -1, 1).expand(*query.shape[:3], 1)
-        probabilities = torch.cat(logits + [sink], dim=-1).softmax(dim=-1)[..., :-1].to(query.dtype)
-
+        probabilities = torch.cat(logits + [sink], dim=-1).softmax(dim=-1)[..., :-1]
         window_width = window_scores.shape[-1]
+        teacher = probabilities[..., window_width:].detach() if len(logits) > 1 else None
+        probabilities = probabilities.to(query.dtype)
+
         window_probabilities = probabilities[..., :window_width]
         output = self._window_output(window_probabilities, window_keys, seq_len)
         if len(logits) > 1:
             entry_probabilities = probabilities[..., window_width:]
-            if picks is None:  # HCA: every query reads the same entries
+            if picks is None:  # HCA (and dense CSA): every query reads the same entries
                 output = output + torch.einsum("sbhn,nbc->sbhc", entry_probabilities, entry_keys)
             else:  # CSA: per-query gathered entries
                 output = output + torch.einsum("sbhk,sbkc->sbhc", entry_probabilities, entry_keys)
-        return output
+        return output, teacher
 
     def _window_scores(self, query, key_value):
         """Scores of each query against the keys of its block of W queries.
@@ -452,7 +497,7 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         return torch.einsum("nqbhl,nbcl->nqbhc", blocked, blocked_keys).flatten(0, 1)[:seq_len]
 
     def _entry_scores(self, query, entries, picks, positions):
-        """Scores against compressed entries: all visible ones (HCA) or the indexer's picks (CSA)."""
+        """Scores against compressed entries: all visible ones (HCA, dense CSA) or the indexer's picks (CSA)."""
         if picks is None:
             visible_count = (positions + 1) // self.compress_ratio  # [s, b]
             entry_ids = torch.arange(entries.shape[0], device=query.device)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
+from megatron_v4.indexer_loss import IndexerLossAutoScaler
+
 SLIDING, CSA, HCA = 0, 4, 128
 SUPPORTED_COMPRESS_RATIOS = (SLIDING, CSA, HCA)
 SELECTIVE_RECOMPUTE_MODULES = {"moe", "moe_act", "shared_experts"}
@@ -51,6 +53,17 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
     index_n_heads: int = 64
     index_head_dim: int = 128
     index_topk: int = 512
+
+    # Training the indexer by distillation from the main attention (DeepSeek-V3.2 report, section 2.1;
+    # Megatron-LM's dsa_indexer_loss_coeff / dsa_indexer_use_sparse_loss). See megatron_v4.indexer_loss.
+    indexer_loss_coeff: float = 0.0
+    """Weight of the indexer's KL loss in the training loss; 0 computes no indexer loss."""
+    indexer_use_sparse_loss: bool = False
+    """False: the loss covers every visible compressed entry (indexer warm-up, with
+    csa_dense_attention); True: only the indexer's top-k picks (sparse training)."""
+    csa_dense_attention: bool = False
+    """CSA layers attend to every visible compressed entry, as HCA layers do (the dense and
+    indexer warm-up phases); the indexer then runs only to compute the dense indexer loss."""
 
     # RoPE: plain `rope_theta` on sliding layers, `compress_rope_theta` + YaRN on compressed ones
     rope_theta: float = 10000.0
@@ -182,10 +195,42 @@ class DeepSeekV4TransformerConfig(TransformerConfig):
                     f"recompute_modules {unhonoured} name Megatron-Core modules DeepSeek-V4 does not use; "
                     f"choose among {sorted(SELECTIVE_RECOMPUTE_MODULES)} or recompute_granularity='full'"
                 )
+        self._validate_indexer_training()
         if self.hc_mult < 1 or self.hc_sinkhorn_iters < 1:
             raise ValueError(
                 f"hc_mult={self.hc_mult} and hc_sinkhorn_iters={self.hc_sinkhorn_iters} must be >= 1"
             )
+
+    def _validate_indexer_training(self) -> None:
+        if self.indexer_loss_coeff < 0:
+            raise ValueError(f"indexer_loss_coeff={self.indexer_loss_coeff} must be >= 0 (0 turns the loss off)")
+        if not self.indexer_loss_coeff:
+            return
+        if CSA not in self.compress_ratios:
+            raise ValueError(
+                "indexer_loss_coeff > 0 but compress_ratios has no CSA layer (ratio 4) with an indexer; "
+                "set indexer_loss_coeff=0"
+            )
+        if self.indexer_use_sparse_loss and self.csa_dense_attention:
+            raise ValueError(
+                "the sparse indexer loss covers the indexer's top-k picks, which csa_dense_attention does "
+                "not use; set indexer_use_sparse_loss=False (dense loss) for the indexer warm-up"
+            )
+        if not self.indexer_use_sparse_loss and not self.csa_dense_attention:
+            # The teacher's mass on entries the top-k attention left out is never computed.
+            raise ValueError(
+                "the dense indexer loss needs the attention's probabilities of every visible entry, which "
+                "top-k attention does not compute; set csa_dense_attention=True (indexer warm-up) or "
+                "indexer_use_sparse_loss=True (sparse training)"
+            )
+        if self.calculate_per_token_loss:
+            raise ValueError(
+                "the indexer loss is a per-micro-batch token mean, as the loss scale of "
+                "calculate_per_token_loss=False assumes; set calculate_per_token_loss=False"
+            )
+        if self.experimental_attention_variant_loss_scale_func is None:
+            # Megatron-Core's schedules hand this hook the main loss's backward scale.
+            self.experimental_attention_variant_loss_scale_func = IndexerLossAutoScaler.set_loss_scale
 
     def _check_parallel_sizes(self) -> None:
         """Refuse model dims that the parallel sizes do not divide, naming the sizes that would."""

@@ -1,4 +1,4 @@
-"""Lightning indexer of DeepSeek-V4's CSA layers (spec section 3, "Lightning indexer").
+"""Lightning indexer of DeepSeek-V4's CSA layers (DeepSeek-V3.2 report, section 2.1).
 
 For every query token t the indexer picks which compressed entries the CSA
 attention reads:
@@ -8,13 +8,14 @@ attention reads:
 - K^I = the indexer's own compressor (same windows as the attention's, width
   index_head_dim);
 - w_t = linear_weights_proj(x_t) * index_head_dim^-1/2 * index_n_heads^-1/2;
-- score_{t,w} = sum_h w_{t,h} * ReLU(q^I_{t,h} . K^I_w), -inf where entry w is not
+- score I_{t,w} = sum_h w_{t,h} * ReLU(q^I_{t,h} . K^I_w), -inf where entry w is not
   visible yet (w >= (t + 1) // m); keep the top min(index_topk, #entries).
 
-The choice is discrete, so no gradient flows through the indexer (as in
-transformers; DeepSeek trains it with a separate distillation loss, which this
-module does not implement), and it runs without autograd. Indexer heads are split
-over tensor parallelism; their partial sums are all-reduced before the top-k.
+The choice is discrete, so the picks carry no gradient (as in transformers) and
+are made without autograd. The indexer learns from its own distillation loss
+(`distillation_loss`, see `megatron_v4.indexer_loss`), which differentiates the
+scores I of the candidate entries. Indexer heads are split over tensor
+parallelism; their partial sums are all-reduced before the top-k and the loss.
 """
 
 from __future__ import annotations
@@ -23,14 +24,21 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from torch.utils.checkpoint import checkpoint
 
 from megatron_v4.config import CSA, DeepSeekV4TransformerConfig
 from megatron_v4.decode_state import CompressorDecodeState
+from megatron_v4.indexer_loss import kl_to_teacher
 from megatron_v4.rope import DeepSeekV4RotaryEmbedding, apply_rotary
 
-# Queries scored at once: bounds the transient [block, batch, heads, entries] score tensor.
+# Queries scored at once: bounds the transient [block, batch, heads, entries] score tensor (and,
+# in the loss, what the backward keeps: each block's scores are recomputed there).
 QUERY_BLOCK = 128
 
 
@@ -155,9 +163,55 @@ class DeepSeekV4Indexer(MegatronModule):
         return queries, head_weights
 
     def _scores(self, queries, head_weights, keys):
-        """score [q, b, entries] = sum over all heads (all ranks) of w * ReLU(q . k)."""
-        per_head = torch.einsum("qbhd,nbd->qbhn", queries, keys).relu()
+        """score [q, b, n] = sum over all heads (all ranks) of w * ReLU(q . k), against keys
+        shared by all queries [n, b, d] or per query [q, b, n, d]."""
+        pattern = "qbhd,nbd->qbhn" if keys.dim() == 3 else "qbhd,qbnd->qbhn"
+        per_head = torch.einsum(pattern, queries, keys).relu()
         scores = torch.einsum("qbhn,qbh->qbn", per_head, head_weights)
-        if self.tp_group.size() > 1:
-            dist.all_reduce(scores, group=self.tp_group)
-        return scores
+        return reduce_from_tensor_model_parallel_region(scores, group=self.tp_group)
+
+    def distillation_loss(
+        self,
+        hidden_states: torch.Tensor,
+        q_compressed: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        teacher_mass: torch.Tensor,
+        picks: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sum over queries of KL(teacher || softmax of the scores I) over each query's candidates.
+
+        `keys`: this compressor's entries on the detached `hidden_states`. Dense loss
+        (`picks=None`): the candidates are the visible entries, `teacher_mass` [s, b, n]. Sparse
+        loss: the candidates are `picks` [s, b, k] (-1: none), `teacher_mass` [s, b, k]. The
+        teacher mass is the attention's head-summed probability of each candidate.
+        """
+        queries, head_weights = self._query_terms(hidden_states.detach(), q_compressed.detach(), positions)
+        # Replicated keys feed this rank's heads only: their gradient is summed over the ranks.
+        keys = copy_to_tensor_model_parallel_region(keys.float(), group=self.tp_group)
+        if picks is None:
+            visible_entries = (positions + 1) // CSA
+            candidates = torch.arange(keys.shape[0], device=keys.device) < visible_entries.unsqueeze(-1)
+        else:
+            candidates = picks >= 0
+        total = keys.new_zeros(())
+        for start in range(0, hidden_states.shape[0], QUERY_BLOCK):
+            block = slice(start, start + QUERY_BLOCK)
+            block_picks = None if picks is None else picks[block]
+            total = total + checkpoint(
+                self._block_loss,
+                queries[block],
+                head_weights[block],
+                keys,
+                teacher_mass[block],
+                candidates[block],
+                block_picks,
+                use_reentrant=False,
+            )
+        return total
+
+    def _block_loss(self, queries, head_weights, keys, teacher_mass, candidates, picks):
+        if picks is not None:
+            batch_ids = torch.arange(keys.shape[1], device=keys.device).view(1, -1, 1)
+            keys = keys.transpose(0, 1)[batch_ids, picks.clamp(min=0)]  # [q, b, k, d]
+        return kl_to_teacher(teacher_mass, self._scores(queries, head_weights, keys), candidates)

@@ -6,7 +6,7 @@ schedule, DDP, `finalize_model_grads` (which also updates the routers' expert
 bias) and the Megatron optimizer (Adam, fp32) for three steps. It returns, as full
 tensors keyed by the one-rank names, the logits of `forward_logits`, the first
 step's gradients, and the weights and routing buffers after the third step, plus
-each step's main and MTP losses. With `full=None` (the one-rank reference) it
+each step's main, MTP and indexer losses. With `full=None` (the one-rank reference) it
 first draws random weights and returns them too.
 """
 
@@ -23,6 +23,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 
 import megatron_v4
 from megatron_v4.config import DeepSeekV4TransformerConfig
+from megatron_v4.indexer_loss import IndexerLossTracker
 from megatron_v4.model import DeepSeekV4Model, pipeline_micro_batch_size
 from megatron_v4.specs import get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
 from layout_slicing import dsv4_global_name, shard, unshard
@@ -194,7 +195,7 @@ def train(
         )
         for chunk in ddp_chunks:
             chunk.train()
-        result["losses"], result["mtp_losses"], result["grad_norms"] = [], [], []
+        result["losses"], result["mtp_losses"], result["indexer_losses"], result["grad_norms"] = [], [], [], []
         for step in range(STEPS):
             for chunk in ddp_chunks:
                 chunk.zero_grad_buffer()
@@ -220,6 +221,8 @@ def train(
                 }
             _, grad_norm, _ = optimizer.step()
             result["grad_norms"].append(grad_norm)
+            result["indexer_losses"].append(IndexerLossTracker.step_mean(num_microbatches).item())
+            IndexerLossTracker.reset()
             if parallel_state.is_pipeline_last_stage():
                 loss = _dp_mean(torch.stack([x["loss"] for x in losses]).mean())
                 mtp = _dp_mean(MTPLossLoggingHelper.tracker["loss_values"][0] / num_microbatches)
@@ -229,6 +232,20 @@ def train(
         return result
     finally:
         megatron_v4.destroy()
+
+
+def train_runs(runs: list[tuple[dict, dict]], full: dict | None = None) -> list[dict]:
+    """`train` for each (layout kwargs, config overrides) in turn, in one group of ranks; with
+    `full=None` the first run draws the weights and the later ones load them."""
+    # One process group for all runs (`initialize` then leaves it up): a second rendezvous on the
+    # harness's port would hang.
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    results = []
+    for layout_kwargs, overrides in runs:
+        results.append(train(layout_kwargs, full, overrides))
+        full = full or results[-1]["initial"]
+    return results
 
 
 def save_checkpoint(layout_kwargs: dict, full: dict, directory: str) -> None:
