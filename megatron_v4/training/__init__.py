@@ -7,12 +7,12 @@ from megatron_v4.training.checkpointing import latest_checkpoint, load_checkpoin
 from megatron_v4.training.data import ByteTokenizer, DataOrder, HFTokenizer, VocabTokenizer, build_dataset, tokenise_to_indexed
 from megatron_v4.training.model_setup import (
     build_model,
-    build_optimizer,
     checkpoint_mtp_layers,
     load_model_weights,
     read_architecture,
     transformer_config,
 )
+from megatron_v4.training.optimizer import build_optimizer, optimizer_config
 from megatron_v4.training.step import prepare_for_training, train_step
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "load_model_weights",
+    "optimizer_config",
     "prepare_for_training",
     "read_architecture",
     "save_checkpoint",
