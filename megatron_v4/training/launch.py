@@ -119,6 +119,11 @@ def _train(args, layout) -> list[dict]:
     )
     arch, _ = architecture(args)
     config = model_config(args, arch, layout)
+    if args.optimizer == "dist_muon" and not config.bf16 and args.save:
+        raise ValueError(
+            "--optimizer dist_muon saves checkpoints only in bf16 (Megatron-Core 0.19's layer-wise optimizer "
+            "has no fp32 checkpoint layout); use --dtype bf16 or --optimizer muon"
+        )
     bare = build_bare(args, config)
     model, bare = build_model(config, use_distributed_optimizer=uses_distributed_adam(args.optimizer), bare=bare)
     optimizer = build_optimizer(model, optimizer_config(args, config.params_dtype))

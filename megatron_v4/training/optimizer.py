@@ -124,16 +124,36 @@ def build_optimizer(model, config: OptimizerConfig):
         return get_megatron_optimizer(config, [model])
     _tag_glu_halves(model)
     with _deepseek_split(config.optimizer.removeprefix("dist_"), config.muon_scalar_optimizer):
-        return get_megatron_optimizer(config, [model])
+        optimizer = get_megatron_optimizer(config, [model])
+    if not config.bf16:
+        _wrap_fp32_layer_wise(optimizer, config)
+    return optimizer
 
 
-def muon_managed(optimizer) -> list[torch.nn.Parameter]:
-    """The parameters this rank's Muon updates (for tests and logs)."""
-    from megatron.core.optimizer.emerging_optimizers import TensorParallelMuon
+def _zero_adam_state(opt, config=None) -> None:
+    """Adam's moments for every parameter (so that a checkpoint can be loaded into them)."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            if not opt.state[param]:
+                opt.state[param]["exp_avg"] = torch.zeros_like(param.data)
+                opt.state[param]["exp_avg_sq"] = torch.zeros_like(param.data)
 
-    found = []
-    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        torch_optimizer = getattr(inner, "optimizer", inner)
-        if isinstance(torch_optimizer, TensorParallelMuon):
-            found += [p for group in torch_optimizer.param_groups for p in group["params"]]
-    return found
+
+def _wrap_fp32_layer_wise(optimizer, config: OptimizerConfig) -> None:
+    """`LayerWiseDistributedOptimizer.__init__` (megatron/core/optimizer/layer_wise_optimizer.py) wraps its
+    base torch optimizers in Megatron's optimizer class only for bf16; in fp32 they stay bare and the
+    schedules' `scale_loss` and the step fail on them. Give them `FP32Optimizer`, as the non-layer-wise path
+    does, and the config that `ChainedOptimizer.__init__` reads from its first child. (Its
+    `sharded_state_dict` still expects the bf16 layout: fp32 dist_muon runs cannot save checkpoints.)"""
+    from megatron.core.optimizer.emerging_optimizers import OrthogonalizedOptimizer, _eopt_init_state_fn
+    from megatron.core.optimizer.layer_wise_optimizer import LayerWiseDistributedOptimizer
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    for layer_wise in [optimizer, *getattr(optimizer, "chained_optimizers", [])]:
+        if not isinstance(layer_wise, LayerWiseDistributedOptimizer):
+            continue
+        for i, inner in enumerate(layer_wise.chained_optimizers):
+            if isinstance(inner, torch.optim.Optimizer):
+                init = _eopt_init_state_fn if isinstance(inner, OrthogonalizedOptimizer) else _zero_adam_state
+                layer_wise.chained_optimizers[i] = FP32Optimizer(inner, config, init)
+        layer_wise.config = config
