@@ -34,13 +34,15 @@ def official_to_mcore(official_name: str) -> tuple[str, tuple[str, ...]]:
     return match.mcore_name, tuple(match.official_names)
 
 
-def global_names(bare) -> dict[str, torch.nn.Parameter]:
-    """This rank's parameters under their one-rank Megatron-Core names (pipeline stages number their layers
-    from 0 and expert-parallel ranks their experts from 0; each layer knows its global `layer_number`)."""
+def global_names(bare, buffers: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's parameters (and buffers) under their one-rank Megatron-Core names: pipeline stages number
+    their layers from 0 and expert-parallel ranks their experts from 0; each layer knows its global
+    `layer_number`."""
     experts_per_rank = (bare.config.num_moe_experts or 0) // parallel_state.get_expert_model_parallel_world_size()
     expert_offset = parallel_state.get_expert_model_parallel_rank() * experts_per_rank
+    tensors = list(bare.named_parameters()) + (list(bare.named_buffers()) if buffers else [])
     named = {}
-    for name, param in bare.named_parameters():
+    for name, tensor in tensors:
         parts = name.split(".")
         if name.startswith("decoder.layers."):
             parts[2] = str(bare.decoder.layers[int(parts[2])].layer_number - 1)
@@ -49,7 +51,7 @@ def global_names(bare) -> dict[str, torch.nn.Parameter]:
             head, tail = global_name.split(LOCAL_EXPERTS, 1)
             expert, rest = tail.split(".", 1)
             global_name = f"{head}{LOCAL_EXPERTS}{int(expert) + expert_offset}.{rest}"
-        named[global_name] = param
+        named[global_name] = tensor
     return named
 
 
@@ -84,10 +86,10 @@ def mcore_names_of_official(official_names: list[str], all_mcore_names: set[str]
     return frozen
 
 
-def all_model_names(bare) -> set[str]:
-    """Every parameter's one-rank name over the whole model (all ranks' names gathered)."""
+def all_model_names(bare, buffers: bool = False) -> set[str]:
+    """Every parameter's (and buffer's) one-rank name over the whole model (all ranks' names gathered)."""
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, sorted(global_names(bare)))
+    dist.all_gather_object(gathered, sorted(global_names(bare, buffers)))
     return set().union(*gathered)
 
 
@@ -104,7 +106,8 @@ def freeze(bare, patterns: list[str], official_names: list[str]) -> set[str]:
     `official_names`; returns the frozen one-rank names held by this rank. Every pattern and name must
     match some parameter of the whole model (ValueError otherwise)."""
     everything = all_model_names(bare)
-    chosen = mcore_names_of_official(official_names, everything) if official_names else set()
+    # Official names may list buffers too (the gate's bias, the hash table): known, never optimised.
+    chosen = mcore_names_of_official(official_names, all_model_names(bare, buffers=True)) if official_names else set()
     for pattern in patterns:
         matches = {name for name in everything if _matcher(pattern)(name)}
         if not matches:

@@ -157,3 +157,20 @@ def _wrap_fp32_layer_wise(optimizer, config: OptimizerConfig) -> None:
                 init = _eopt_init_state_fn if isinstance(inner, OrthogonalizedOptimizer) else _zero_adam_state
                 layer_wise.chained_optimizers[i] = FP32Optimizer(inner, config, init)
         layer_wise.config = config
+
+
+def muon_managed(optimizer) -> list[torch.nn.Parameter]:
+    """The parameters this rank's Muon updates (for tests and logs)."""
+    from megatron.core.optimizer.emerging_optimizers import TensorParallelMuon
+
+    found = []
+    stack = [optimizer]
+    while stack:
+        inner = stack.pop()
+        if hasattr(inner, "chained_optimizers"):
+            stack += inner.chained_optimizers
+            continue
+        torch_optimizer = inner if isinstance(inner, torch.optim.Optimizer) else inner.optimizer
+        if isinstance(torch_optimizer, TensorParallelMuon):
+            found += [p for group in torch_optimizer.param_groups for p in group["params"]]
+    return found
