@@ -130,10 +130,12 @@ def parameter_counts(bare) -> dict[str, int]:
     """Trainable, frozen and total parameters of the whole model, each tensor counted once: dense tensors
     per (pipeline stage, tensor-parallel slice) over the data-parallel copies; routed experts (split over
     the expert-tensor-parallel ranks, spread over the expert-parallel ranks) over their expert-data-parallel
-    copies."""
+    copies. The last pipeline stage's copy of the embedding counts once, with the first stage's."""
     dense, expert = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     for name, param in bare.named_parameters():
         slot = 0 if param.requires_grad else 1
+        if name.startswith("embedding.") and not parallel_state.is_pipeline_first_stage():
+            continue  # the last stage's copy of the embedding (for MTP), kept equal to the first stage's
         if LOCAL_EXPERTS in name:
             expert[slot] += param.numel()
         elif not _is_tensor_parallel_replica(param):
