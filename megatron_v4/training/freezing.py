@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from bridge.mcore_naming import MCoreNaming
+
 LOCAL_EXPERTS = ".mlp.experts.local_experts."
 
 
@@ -28,8 +30,6 @@ def official_to_mcore(official_name: str) -> tuple[str, tuple[str, ...]]:
 
     The one call into the bridge's naming tables (`bridge/mcore_naming.py`): adapt here when its API
     changes. Raises KeyError for a name the tables do not know."""
-    from bridge.mcore_naming import MCoreNaming
-
     match = MCoreNaming().from_official(official_name)
     return match.mcore_name, tuple(match.official_names)
 

@@ -23,6 +23,7 @@ from megatron_v4.training.data import ByteTokenizer, DataOrder, HFTokenizer, Voc
 from megatron_v4.training.freezing import freeze, parameter_counts, read_freeze_file
 from megatron_v4.training.metrics import MetricsWriter
 from megatron_v4.training.model_setup import (
+    bare_model,
     build_model,
     checkpoint_mtp_layers,
     load_model_weights,
@@ -206,8 +207,6 @@ def _train(args, layout) -> list[dict]:
 def build_bare(args, config):
     """This rank's model before DDP, with the --freeze / --freeze-file tensors frozen (and the parameter
     counts logged): DDP and the optimizer then leave frozen tensors without gradient or state."""
-    from megatron_v4.training.model_setup import bare_model
-
     bare = bare_model(config)
     patterns = args.freeze or []
     official = read_freeze_file(args.freeze_file) if args.freeze_file else []
