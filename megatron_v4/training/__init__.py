@@ -1,8 +1,8 @@
 """Training DeepSeek-V4 on Megatron-Core, as `examples/pretrain.py` drives it: the model of an
 architecture for the current layout (`model_setup`), its optimizer (`optimizer`: AdamW or Muon), frozen
 tensors (`freezing`), the data (`data`), one optimizer step and validation (`step`), metric files
-(`metrics`) and `torch_dist` checkpoints with exact resume (`checkpointing`). Uses the bridge for architectures and
-HF weights."""
+(`metrics`) and `torch_dist` checkpoints with exact resume (`checkpointing`). Uses the bridge for
+architectures and HF weights."""
 
 from megatron_v4.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_v4.training.data import ByteTokenizer, DataOrder, HFTokenizer, VocabTokenizer, build_dataset, tokenise_to_indexed
