@@ -11,9 +11,12 @@ optimizer, LR schedule, RNG and data position). Data: a prepared Megatron indexe
 PREFIX of PREFIX.bin/.idx), a text or JSONL file tokenised with a Hugging Face tokenizer directory
 (--text-file FILE --tokenizer DIR, or a byte-level tokenizer without --tokenizer), or mock data (default).
 
-Training: Megatron-Core's DistributedDataParallel and distributed optimizer (Adam), bf16 on GPU and fp32
-on CPU, the MTP loss, the aux-loss-free expert-bias updates (in `finalize_model_grads`), linear warmup
-and cosine decay, gradient clipping.
+Training: Megatron-Core's DistributedDataParallel and optimizers (AdamW, distributed; or Muon for the
+hidden weight matrices and AdamW for the rest, as DeepSeek-V4 trains: --optimizer muon / dist_muon), bf16
+on GPU and fp32 on CPU, the MTP loss, the aux-loss-free expert-bias updates (in `finalize_model_grads`),
+linear warmup and cosine decay, gradient clipping. --load DIR --finetune starts from a checkpoint's weights
+with a fresh optimizer and schedule; --freeze / --freeze-file keep tensors fixed. Validation on a held-out
+split (--eval-interval, --split), TensorBoard scalars and a JSON-lines metrics file.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from megatron_v4.runtime.command_line import (
     world_size,
 )
 
+OPTIMIZERS = ("adam", "muon", "dist_muon")
+
 
 def parse_args(argv: list[str] | None = None):
     p = ArgumentParser(prog="pretrain.py", description=__doc__)
@@ -47,7 +52,23 @@ def parse_args(argv: list[str] | None = None):
     g = p.add_argument_group("model")
     g.add_argument("--hf", help="start from this Hugging Face checkpoint's weights (through the bridge)")
     g.add_argument("--load", help="torch_dist checkpoint: a `bridge import` output or a --save directory (resumes)")
+    g.add_argument("--finetune", action="store_true",
+                   help="with --load: model weights only (new optimizer, LR schedule and step count); also how a"
+                   " run switches optimizer")
+    g.add_argument("--freeze", nargs="+", metavar="PATTERN",
+                   help="freeze the parameters whose Megatron-Core names (one-rank numbering) match a glob or"
+                   " regular expression, e.g. 'decoder.layers.*.mlp.experts.*'")
+    g.add_argument("--freeze-file", metavar="FILE",
+                   help="freeze the tensors of a JSON list of official DeepSeek-V4 names (e.g. frozen_keys.json)")
     g.add_argument("--arch", help="architecture config.json (official or transformers flavour) for random init")
+    g.add_argument("--phase", choices=["dense", "indexer-warmup", "sparse"], default="sparse",
+                   help="DeepSeek's training phases: dense (CSA layers attend to every visible compressed entry, "
+                   "no indexer), indexer-warmup (dense attention, everything frozen but the lightning indexer, "
+                   "which learns from the dense distillation loss), sparse (top-k attention, sparse indexer loss; "
+                   "default)")
+    g.add_argument("--indexer-loss-coeff", type=float,
+                   help="weight of the indexer distillation loss (default: 0.01 sparse, 1.0 indexer-warmup, "
+                   "0 dense; 0 without CSA layers)")
     g.add_argument("--mtp-layers", type=int, help="MTP depth (default: the architecture's)")
     g.add_argument("--mtp-loss-scale", type=float, default=0.3, help="weight of the MTP loss")
     g.add_argument("--bias-update-rate", type=float, default=1e-3, help="aux-loss-free expert-bias step")
@@ -63,6 +84,8 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--seq-length", type=int, default=64)
     g.add_argument("--micro-batch-size", type=int, default=2)
     g.add_argument("--global-batch-size", type=int, default=4, help="a multiple of micro-batch-size * dp")
+    g.add_argument("--split", default="100,0,0",
+                   help="train,valid,test weights dividing an indexed dataset's documents (e.g. 98,2,0)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train-iters", type=int, default=30)
@@ -71,6 +94,26 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--warmup-iters", type=int, default=5)
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam",
+                   help="adam: AdamW (Megatron-Core's distributed optimizer); muon: Muon for the hidden weight"
+                   " matrices, --muon-scalar-optimizer for the rest, as DeepSeek-V4 trains; dist_muon: the same,"
+                   " layer-wise distributed over data-parallel ranks")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--muon-momentum", type=float, default=0.95)
+    g.add_argument("--muon-nesterov", action="store_true", help="Nesterov momentum (off: B = mu B + (1 - mu) G)")
+    g.add_argument("--muon-ns-steps", type=int, default=5, help="Newton-Schulz iterations")
+    g.add_argument("--muon-coefficient-type", default="simple",
+                   help="Newton-Schulz coefficients (emerging-optimizers' names): simple = (3.4445, -4.7750,"
+                   " 2.0315) every step; deepseekv4 = 8 such steps then (2, -1.5, 0.5), with --muon-ns-steps 10")
+    g.add_argument("--muon-scale-mode", choices=["spectral", "unit_rms_norm", "shape_scaling"], default="spectral",
+                   help="update scale: spectral sqrt(max(m, n)), unit_rms_norm sqrt(m / n)")
+    g.add_argument("--muon-extra-scale-factor", type=float, default=1.0, help="extra factor on Muon's update")
+    g.add_argument("--muon-scalar-optimizer", choices=["adam", "lion"], default="adam",
+                   help="optimizer of the non-matrix tensors under Muon (AdamW with --adam-* settings)")
+    g.add_argument("--muon-fp32-matmul-prec", choices=["medium", "high", "highest"],
+                   help="Newton-Schulz matmul precision (default: highest in fp32, medium = bf16 in bf16)")
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("checkpoints and logs")
@@ -78,6 +121,10 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     g.add_argument("--exit-after", type=int, help="stop after this step (as if interrupted), saving first")
     g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--eval-interval", type=int, default=0, help="steps between validations (0: none)")
+    g.add_argument("--eval-iters", type=int, default=2, help="global batches per validation")
+    g.add_argument("--tensorboard-dir", help="write TensorBoard scalars here (rank 0)")
+    g.add_argument("--metrics-jsonl", help="append one JSON object per step and per validation to this file")
     return check_args(p.parse_args(argv))
 
 
@@ -109,6 +156,25 @@ def check_args(args):
             f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size * dp = "
             f"{args.micro_batch_size} * {dp}"
         )
+    if args.phase == "dense" and args.indexer_loss_coeff:
+        raise UsageError("--phase dense runs no indexer; drop --indexer-loss-coeff or use --phase indexer-warmup")
+    if args.indexer_loss_coeff is not None and args.indexer_loss_coeff < 0:
+        raise UsageError(f"--indexer-loss-coeff {args.indexer_loss_coeff} must be >= 0")
+    if args.finetune and not args.load:
+        raise UsageError("--finetune needs --load DIR (the checkpoint whose weights to start from)")
+    if args.freeze_file:
+        names = read_json(args.freeze_file, "--freeze-file")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise UsageError(f"--freeze-file {args.freeze_file}: expected a JSON list of official tensor names")
+    split = args.split.split(",")
+    if len(split) != 3 or not all(part.strip().replace(".", "", 1).isdigit() for part in split):
+        raise UsageError(f"--split {args.split}: expected three weights train,valid,test (e.g. 98,2,0)")
+    if args.eval_interval < 0 or args.eval_iters < 1:
+        raise UsageError("--eval-interval must be >= 0 and --eval-iters >= 1")
+    if args.eval_interval and (args.data_path or args.text_file) and not float(split[1]):
+        raise UsageError(f"--eval-interval needs a validation share in --split (got {args.split}; e.g. 98,2,0)")
+    if args.muon_ns_steps < 1:
+        raise UsageError(f"--muon-ns-steps {args.muon_ns_steps} must be at least 1")
     if not 0 <= args.warmup_iters < args.train_iters:
         raise UsageError(f"--warmup-iters {args.warmup_iters} must be below --train-iters {args.train_iters}")
     return args

@@ -172,6 +172,8 @@ _LITERAL_CUDA_MODULES = {
     "megatron.core.utils": "l2_cuda",
     # MixedPrecisionOptimizer.found_inf, _scale_one; FP32Optimizer._scale
     "megatron.core.optimizer.optimizer": "found_inf, _scale",
+    # LayerWiseDistributedOptimizer.has_grad_norm_group (dist_muon): flag = torch.tensor(..., device='cuda')
+    "megatron.core.optimizer.layer_wise_optimizer": "has_grad_norm_group flag",
     # ConstantGradScaler / DynamicGradScaler._scale
     "megatron.core.optimizer.grad_scaler": "_scale",
     # broadcast_data: sizes_cuda = torch.tensor(..., device='cuda')
@@ -221,6 +223,48 @@ def _patch_reduce_scatter() -> None:
         return native(output, input, op=op, group=group, async_op=async_op)
 
     dist.reduce_scatter_tensor = reduce_scatter_tensor
+
+
+def _all_gather_uneven(tensor_list, tensor, group=None):
+    """gloo's all_gather needs equal sizes: gather flat copies padded to the longest, then trim."""
+    longest = max(t.numel() for t in tensor_list)
+    padded_input = torch.zeros(longest, dtype=tensor.dtype, device=tensor.device)
+    padded_input[: tensor.numel()] = tensor.reshape(-1)
+    padded = [torch.empty(longest, dtype=tensor.dtype, device=tensor.device) for _ in tensor_list]
+    dist.all_gather(padded, padded_input, group=group)
+    for out, gathered in zip(tensor_list, padded):
+        out.copy_(gathered[: out.numel()].view_as(out))
+
+
+def _patch_uneven_all_gather() -> None:
+    """optimizer/layer_wise_optimizer.py `LayerWiseDistributedOptimizer.allgather_params`
+    (dist_muon) all-gathers each rank's flattened parameters with per-rank sizes, which
+    NCCL accepts and gloo refuses ("invalid tensor size")."""
+    from megatron.core.optimizer import layer_wise_optimizer
+
+    native = dist.all_gather
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if dist.get_backend(group) == "gloo" and any(t.shape != tensor.shape for t in tensor_list):
+            _all_gather_uneven(tensor_list, tensor, group=group)
+            return _CompletedWork() if async_op else None
+        return native(tensor_list, tensor, group=group, async_op=async_op)
+
+    layer_wise_optimizer.torch = _Overlay(
+        layer_wise_optimizer.torch,  # the CPU-factory proxy of _patch_literal_cuda_factories
+        distributed=_Overlay(dist, all_gather=all_gather),
+    )
+
+
+class _Overlay:
+    """A module seen through a few replaced attributes."""
+
+    def __init__(self, base, **replaced):
+        self._base = base
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
 
 
 def _patch_tensor_type_names() -> None:
@@ -294,6 +338,7 @@ def apply() -> None:
     _patch_streams()
     _patch_literal_cuda_factories()
     _patch_reduce_scatter()
+    _patch_uneven_all_gather()
     _patch_torch_norm_sequence_parallel()
     _patch_alltoall_split_sizes()
     _APPLIED = True

@@ -103,6 +103,8 @@ def _restore_adam_steps(optimizer) -> None:
     placeholder's (or makes them one shared tensor, which Adam would then advance once per parameter):
     give every parameter its own copy of its group's count."""
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(inner, "_init_optimizer_states_with_dummy_values"):
+            continue  # not a DistributedOptimizer: its per-parameter state loads as saved
         for group in inner.optimizer.param_groups:
             if group.get("step") is None:
                 continue
@@ -117,8 +119,9 @@ def load_checkpoint(path: str, bare, optimizer, scheduler) -> dict:
     The RNG states come back only at the layout they were saved at (they are per rank)."""
     common = dist_checkpointing.load_common_state_dict(path)
     # Adam creates its state on the first step; the loader fills existing tensors in place.
+    # (Megatron-Core's other optimizers create their state in sharded_state_dict(is_loading=True).)
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not inner.optimizer.state:
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values") and not inner.optimizer.state:
             inner._init_optimizer_states_with_dummy_values()
     state = _training_state_dict(bare, optimizer, is_loading=True)
     if common["layout"] != _layout_record():

@@ -98,23 +98,40 @@ def build_dataset(
     seed: int,
     data_prefix: str | None = None,
     cache_dir: str | None = None,
-) -> GPTDataset:
-    """A `GPTDataset` (kind "indexed" or "mock") of at least `num_samples` samples of seq_length + 1 tokens."""
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend=([data_prefix], None) if kind == "indexed" else None,
-        split="100,0,0",
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        path_to_cache=cache_dir,
-    )
-    cls = MockGPTDataset if kind == "mock" else GPTDataset
-    train, _, _ = BlendedMegatronDatasetBuilder(cls, [num_samples, 0, 0], lambda: True, config).build()
-    return train
+    split: str = "100,0,0",
+    valid_samples: int = 0,
+) -> tuple[GPTDataset, GPTDataset | None]:
+    """(train, validation) `GPTDataset`s (kind "indexed" or "mock") of at least `num_samples` and
+    `valid_samples` samples of seq_length + 1 tokens. An indexed dataset's documents are divided by
+    `split` (Megatron's "train,valid,test" weights); mock validation data is a differently seeded mock set.
+    The validation set is None when `valid_samples` is 0."""
+
+    def config(random_seed: int) -> GPTDatasetConfig:
+        return GPTDatasetConfig(
+            random_seed=random_seed,
+            sequence_length=seq_length,
+            blend=([data_prefix], None) if kind == "indexed" else None,
+            split=split if kind == "indexed" else "100,0,0",
+            tokenizer=tokenizer,
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,
+            path_to_cache=cache_dir,
+        )
+
+    if kind == "mock":
+        train, _, _ = BlendedMegatronDatasetBuilder(MockGPTDataset, [num_samples, 0, 0], lambda: True, config(seed)).build()
+        valid = None
+        if valid_samples:
+            valid, _, _ = BlendedMegatronDatasetBuilder(
+                MockGPTDataset, [valid_samples, 0, 0], lambda: True, config(seed + 1)
+            ).build()
+        return train, valid
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_samples, valid_samples, 0], lambda: True, config(seed)
+    ).build()
+    return train, (valid if valid_samples else None)
 
 
 @dataclass

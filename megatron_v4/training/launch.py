@@ -13,24 +13,27 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from bridge import AutoBridge, read_hf_config
 from bridge.convert import SourceRecord, fresh_record, load_model_weights, record_of_hf_checkpoint
 from bridge.tiny import TINY
+from megatron_v4.config import CSA
 from megatron_v4.runtime.parallel import destroy, initialize
 from megatron_v4.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from megatron_v4.training.data import ByteTokenizer, DataOrder, HFTokenizer, VocabTokenizer, build_dataset, tokenise_to_indexed
+from megatron_v4.training.freezing import freeze, parameter_counts, read_freeze_file
+from megatron_v4.training.metrics import MetricsWriter
 from megatron_v4.training.model_setup import (
+    bare_model,
     build_model,
-    build_optimizer,
     checkpoint_mtp_layers,
     export_record,
     read_architecture,
     transformer_config,
 )
-from megatron_v4.training.step import prepare_for_training, train_step
+from megatron_v4.training.optimizer import build_optimizer, optimizer_config, uses_distributed_adam
+from megatron_v4.training.step import evaluate, prepare_for_training, train_step
 
 log = logging.getLogger("pretrain")
 
@@ -47,6 +50,28 @@ def architecture(args):
     return TINY, None
 
 
+PHASES = {
+    # DeepSeek-V3.2 report, section 2.1 (the recipe V4's CSA layers follow): dense warm-up of the model,
+    # then of the indexer alone by distillation, then sparse training with the sparse distillation loss.
+    "dense": dict(csa_dense_attention=True, indexer_use_sparse_loss=False, default_coeff=0.0),
+    "indexer-warmup": dict(csa_dense_attention=True, indexer_use_sparse_loss=False, default_coeff=1.0),
+    "sparse": dict(csa_dense_attention=False, indexer_use_sparse_loss=True, default_coeff=0.01),
+}
+INDEXER_PARAMETERS = r".*\.indexer\..*"
+"""The lightning indexer's parameters (wq_b, weights_proj and its own compressor): all the indexer warm-up
+trains."""
+
+
+def phase_config(args, arch) -> dict:
+    """The config fields of `--phase` and `--indexer-loss-coeff`."""
+    phase = dict(PHASES[args.phase])
+    default = phase.pop("default_coeff") if CSA in arch.compress_ratios else 0.0
+    coeff = default if args.indexer_loss_coeff is None else args.indexer_loss_coeff
+    if args.phase == "indexer-warmup":
+        phase["moe_router_bias_update_rate"] = 0.0  # the router is frozen with the rest of the model
+    return dict(phase, indexer_loss_coeff=coeff)
+
+
 def model_config(args, arch, layout):
     name = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
@@ -54,19 +79,21 @@ def model_config(args, arch, layout):
     if mtp is None and args.load and not latest_checkpoint(args.load):
         mtp = checkpoint_mtp_layers(args.load)
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    return transformer_config(
-        arch,
-        dtype,
+    settings = dict(
         mtp_num_layers=mtp,
         mtp_loss_scaling_factor=args.mtp_loss_scale,
         moe_router_bias_update_rate=args.bias_update_rate,
         moe_token_dispatcher_type=args.moe_dispatcher,
         **(recompute if args.recompute else {}),
     )
+    settings.update(phase_config(args, arch))
+    return transformer_config(arch, dtype, **settings)
 
 
 def dataset(args, order: DataOrder, vocab_size: int):
+    """(train, validation or None) datasets."""
     num_samples = args.train_iters * order.global_batch_size
+    valid_samples = args.eval_iters * order.global_batch_size if args.eval_interval else 0
     cache = args.data_cache
     if args.tokenizer:
         tokenizer = HFTokenizer(args.tokenizer)
@@ -86,7 +113,9 @@ def dataset(args, order: DataOrder, vocab_size: int):
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {vocab_size}; "
             "use a model with a larger vocab_size (--arch) or a smaller tokenizer"
         )
-    return build_dataset(kind, num_samples, args.seq_length, tokenizer, args.seed, prefix, cache)
+    return build_dataset(
+        kind, num_samples, args.seq_length, tokenizer, args.seed, prefix, cache, args.split, valid_samples
+    )
 
 
 def memory_gb() -> float:
@@ -115,24 +144,14 @@ def _train(args, layout) -> list[dict]:
     )
     arch, weights = architecture(args)
     config = model_config(args, arch, layout)
-    model, bare = build_model(config)
-
-    optimizer = build_optimizer(
-        model,
-        OptimizerConfig(
-            optimizer="adam",
-            lr=args.lr,
-            min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
-            adam_beta1=0.9,
-            adam_beta2=0.95,
-            adam_eps=1e-8,
-            clip_grad=args.clip_grad,
-            bf16=config.bf16,
-            params_dtype=config.params_dtype,
-            use_distributed_optimizer=True,
-        ),
-    )
+    if args.optimizer == "dist_muon" and not config.bf16 and args.save:
+        raise ValueError(
+            "--optimizer dist_muon saves checkpoints only in bf16 (Megatron-Core 0.19's layer-wise optimizer "
+            "has no fp32 checkpoint layout); use --dtype bf16 or --optimizer muon"
+        )
+    bare = build_bare(args, config)
+    model, bare = build_model(config, use_distributed_optimizer=uses_distributed_adam(args.optimizer), bare=bare)
+    optimizer = build_optimizer(model, optimizer_config(args, config.params_dtype))
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -149,17 +168,19 @@ def _train(args, layout) -> list[dict]:
     prepare_for_training(model, optimizer)
 
     start = 0
-    resume = latest_checkpoint(args.load) if args.load else None
+    resume = latest_checkpoint(args.load) if args.load and not args.finetune else None
     if resume:
         common = load_checkpoint(resume, bare, optimizer, scheduler)
         start = common["step"]
         if dist.get_rank() == 0:
             log.info("resumed %s at step %d (%d samples consumed)", resume, start, common["consumed_samples"])
     elif args.load:
-        load_model_weights(bare, args.load)
+        source = latest_checkpoint(args.load) or args.load
+        load_model_weights(bare, source)
         optimizer.reload_model_params()
         if dist.get_rank() == 0:
-            log.info("model weights from %s", args.load)
+            log.info("model weights from %s%s", source, " (finetune: new optimizer, schedule and step count)"
+                     if args.finetune else "")
     elif args.hf:
         AutoBridge.from_hf_pretrained(args.hf).load_hf_weights([bare])
         optimizer.reload_model_params()
@@ -174,29 +195,63 @@ def _train(args, layout) -> list[dict]:
         base = record_of_hf_checkpoint(args.hf) if args.hf else fresh_record(arch)
         record, scales_from = export_record(bare, base), None
 
-    data = dataset(args, order, config.vocab_size)
+    train_data, valid_data = dataset(args, order, config.vocab_size)
     stop = args.train_iters if args.exit_after is None else min(args.train_iters, args.exit_after)
     history = []
-    model.train()
-    for step in range(start, stop):
-        began = time.perf_counter()
-        metrics = train_step(model, optimizer, scheduler, data, order, step, args.seq_length)
-        metrics.update(step=step + 1, seconds=time.perf_counter() - began)
-        history.append(metrics)
-        if dist.get_rank() == 0 and (step + 1) % args.log_interval == 0:
-            mtp = "" if metrics["mtp_loss"] is None else f" | mtp loss {metrics['mtp_loss']:.4f}"
-            log.info(
-                "step %d/%d | loss %.4f%s | grad norm %.3f | lr %.2e | %.0f tokens/s | mem %.2f GB",
-                step + 1, args.train_iters, metrics["loss"], mtp, metrics["grad_norm"],
-                metrics["lr"], metrics["tokens"] / metrics["seconds"], memory_gb(),
-            )
-        done = step + 1
-        periodic = args.save_interval and done % args.save_interval == 0
-        if args.save and (periodic or done == stop):
-            path = save_checkpoint(
-                args.save, done, bare, optimizer, scheduler, arch, record,
-                consumed_samples=done * order.global_batch_size, scales_from=scales_from,
-            )
-            if dist.get_rank() == 0:
-                log.info("saved %s", path)
+    writer = MetricsWriter(args.metrics_jsonl, args.tensorboard_dir)
+    try:
+        model.train()
+        for step in range(start, stop):
+            began = time.perf_counter()
+            metrics = train_step(model, optimizer, scheduler, train_data, order, step, args.seq_length)
+            seconds = time.perf_counter() - began
+            metrics.update(step=step + 1, seconds=seconds, tokens_per_s=metrics["tokens"] / seconds, mem_gb=memory_gb())
+            history.append(metrics)
+            writer.step(metrics)
+            if dist.get_rank() == 0 and (step + 1) % args.log_interval == 0:
+                mtp = "" if metrics["mtp_loss"] is None else f" | mtp loss {metrics['mtp_loss']:.4f}"
+                if metrics["indexer_loss"] is not None:
+                    mtp += f" | indexer loss {metrics['indexer_loss']:.4f}"
+                log.info(
+                    "step %d/%d | loss %.4f%s | grad norm %.3f | lr %.2e | %.0f tokens/s | mem %.2f GB",
+                    step + 1, args.train_iters, metrics["loss"], mtp, metrics["grad_norm"],
+                    metrics["lr"], metrics["tokens_per_s"], metrics["mem_gb"],
+                )
+            done = step + 1
+            if args.eval_interval and (done % args.eval_interval == 0 or done == stop):
+                result = evaluate(model, valid_data, order, args.eval_iters, args.seq_length)
+                result.update(step=done)
+                metrics["eval"] = result
+                writer.evaluation(result)
+                if dist.get_rank() == 0:
+                    mtp = "" if result["eval_mtp_loss"] is None else f" | mtp loss {result['eval_mtp_loss']:.4f}"
+                    log.info("validation at step %d | loss %.4f%s", done, result["eval_loss"], mtp)
+            periodic = args.save_interval and done % args.save_interval == 0
+            if args.save and (periodic or done == stop):
+                path = save_checkpoint(
+                    args.save, done, bare, optimizer, scheduler, arch, record,
+                    consumed_samples=done * order.global_batch_size, scales_from=scales_from,
+                )
+                if dist.get_rank() == 0:
+                    log.info("saved %s", path)
+    finally:
+        writer.close()
     return history
+
+
+def build_bare(args, config):
+    """This rank's model before DDP, with the --freeze / --freeze-file tensors frozen (and the parameter
+    counts logged): DDP and the optimizer then leave frozen tensors without gradient or state."""
+    bare = bare_model(config)
+    patterns = (args.freeze or []) + ([f"(?!{INDEXER_PARAMETERS}).*"] if args.phase == "indexer-warmup" else [])
+    official = read_freeze_file(args.freeze_file) if args.freeze_file else []
+    if patterns or official:
+        frozen = freeze(bare, patterns, official)
+        if dist.get_rank() == 0:
+            log.info("frozen on rank 0: %d tensors", len(frozen))
+    counts = parameter_counts(bare)
+    if dist.get_rank() == 0:
+        log.info(
+            "parameters: %d trainable, %d frozen, %d total", counts["trainable"], counts["frozen"], counts["total"]
+        )
+    return bare

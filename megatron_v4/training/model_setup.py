@@ -20,18 +20,8 @@ from megatron_v4.config import DeepSeekV4TransformerConfig
 from megatron_v4.model import DeepSeekV4Model
 
 
-def build_optimizer(model, config):
-    """Megatron-Core's optimizer (distributed if `config.use_distributed_optimizer`) for one model chunk."""
-    from megatron.core.optimizer import get_megatron_optimizer
-
-    return get_megatron_optimizer(config, [model])
-
-
-def build_model(config: DeepSeekV4TransformerConfig, use_distributed_optimizer: bool = True):
-    """This rank's stage of `DeepSeekV4Model`, in bf16 if the config says so, inside Megatron-Core's DDP.
-
-    Returns (ddp_model, bare_model): the bare model is what checkpoints and weight loading see.
-    """
+def bare_model(config: DeepSeekV4TransformerConfig) -> DeepSeekV4Model:
+    """This rank's stage of `DeepSeekV4Model`, on the GPU when there is one."""
     bare = DeepSeekV4Model(
         config,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -39,6 +29,16 @@ def build_model(config: DeepSeekV4TransformerConfig, use_distributed_optimizer: 
     )
     if torch.cuda.is_available():
         bare.cuda(torch.cuda.current_device())
+    return bare
+
+
+def build_model(config: DeepSeekV4TransformerConfig, use_distributed_optimizer: bool = True, bare=None):
+    """This rank's stage of `DeepSeekV4Model` (`bare`, or a new one), in bf16 if the config says so, inside
+    Megatron-Core's DDP (gradients reduce-scattered for the distributed optimizer, else all-reduced).
+
+    Returns (ddp_model, bare_model): the bare model is what checkpoints and weight loading see.
+    """
+    bare = bare_model(config) if bare is None else bare
     module = Float16Module(config, bare) if config.bf16 else bare
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,

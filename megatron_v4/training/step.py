@@ -10,6 +10,7 @@ from megatron.core.distributed import DistributedDataParallel, finalize_model_gr
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+from megatron_v4.indexer_loss import IndexerLossTracker
 from megatron_v4.model import pipeline_micro_batch_size
 from megatron_v4.training.data import DataOrder
 
@@ -41,25 +42,30 @@ def prepare_for_training(model: DistributedDataParallel, optimizer) -> None:
     config.no_sync_func = model.no_sync
 
 
-def train_step(model, optimizer, scheduler, dataset, order: DataOrder, step: int, seq_length: int) -> dict:
-    """Forward/backward over one global batch, optimizer and LR-scheduler step. Returns the step's metrics,
-    identical on every rank: loss (token mean over the global batch), mtp_loss (None without MTP),
-    grad_norm, lr, tokens."""
-    model.zero_grad_buffer()
-    optimizer.zero_grad()
-    outputs = get_forward_backward_func()(
+def indexer_loss(model, num_microbatches: int) -> float | None:
+    """The lightning indexer's distillation loss (KL, before its coefficient) of the step just run, mean
+    over CSA layers and micro-batches, identical on every rank; None when the run has none."""
+    coeff = model.config.indexer_loss_coeff
+    mean = IndexerLossTracker.step_mean(num_microbatches).item() if coeff else None
+    IndexerLossTracker.reset()
+    return None if mean is None else mean / coeff
+
+
+def _run_schedule(model, dataset, order: DataOrder, step: int, seq_length: int, forward_only: bool):
+    return get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=order.micro_batches(dataset, step),
         model=[model],
         num_microbatches=order.num_microbatches,
         seq_length=seq_length,
         micro_batch_size=pipeline_micro_batch_size(model.config, order.micro_batch_size),
-        forward_only=False,
+        forward_only=forward_only,
     )
-    _, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=1)
 
-    # Sums over the world: every tensor-parallel copy counts the same tokens, so the ratios are exact.
+
+def _reduced_losses(outputs, order: DataOrder) -> tuple[float, float | None]:
+    """(LM loss, MTP loss or None) of one global batch, summed over the world: every tensor-parallel copy
+    counts the same tokens, so the ratios are exact."""
     totals = torch.zeros(4, dtype=torch.float64, device=_device())
     for out in outputs:
         totals[:2] += out["lm loss"].double()
@@ -69,9 +75,48 @@ def train_step(model, optimizer, scheduler, dataset, order: DataOrder, step: int
         totals[3] += 1
     MTPLossLoggingHelper.clean_metrics_in_tracker()
     dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item(), (totals[2] / totals[3]).item() if totals[3] else None
+
+
+def evaluate(model, dataset, order: DataOrder, iters: int, seq_length: int) -> dict:
+    """LM and MTP loss (token means) over `iters` global batches of `dataset`, without gradients.
+
+    The forward runs in training mode, because Megatron-Core's MTP records its loss only then
+    (`process_mtp_loss(is_training=...)`); DeepSeek-V4 has no dropout, and the buffers a training forward
+    touches (the routers' token counts for the expert-bias update) are restored afterwards, so evaluating
+    leaves training unchanged."""
+    bare = model.module
+    saved = {name: buffer.clone() for name, buffer in bare.named_buffers()}
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+    losses, mtp_losses = [], []
+    with torch.no_grad():
+        for i in range(iters):
+            loss, mtp = _reduced_losses(_run_schedule(model, dataset, order, i, seq_length, True), order)
+            losses.append(loss)
+            mtp_losses.append(mtp)
+    with torch.no_grad():
+        for name, buffer in bare.named_buffers():
+            buffer.copy_(saved[name])
     return {
-        "loss": (totals[0] / totals[1]).item(),
-        "mtp_loss": (totals[2] / totals[3]).item() if totals[3] else None,
+        "eval_loss": sum(losses) / len(losses),
+        "eval_mtp_loss": None if mtp_losses[0] is None else sum(mtp_losses) / len(mtp_losses),
+    }
+
+
+def train_step(model, optimizer, scheduler, dataset, order: DataOrder, step: int, seq_length: int) -> dict:
+    """Forward/backward over one global batch, optimizer and LR-scheduler step. Returns the step's metrics,
+    identical on every rank: loss (token mean over the global batch), mtp_loss (None without MTP),
+    indexer_loss (None without one), grad_norm, lr, tokens."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = _run_schedule(model, dataset, order, step, seq_length, forward_only=False)
+    _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    loss, mtp_loss = _reduced_losses(outputs, order)
+    return {
+        "loss": loss,
+        "mtp_loss": mtp_loss,
+        "indexer_loss": indexer_loss(model, order.num_microbatches),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": scheduler.get_lr(optimizer.param_groups[0]),
         "tokens": order.global_batch_size * seq_length,
