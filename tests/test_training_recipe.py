@@ -442,3 +442,33 @@ def test_eval_on_held_out_split_of_text(tmp_path):
         pretrain.parse_args(argv)
     history = launch(1, argv + ["--split", "90,10,0"])
     assert history[-1]["eval"]["eval_loss"] > 0
+
+
+# ------------------------------------------------------------------------------------------- phases
+@pytest.mark.parametrize("phase", ["dense", "indexer-warmup", "sparse"])
+def test_phase_trains_what_deepseek_trains(converted, tmp_path, phase):
+    """dense: the indexer is not run (no loss, its weights unchanged); indexer-warmup: only the indexer
+    moves, by the dense distillation loss; sparse: everything moves, the indexer by the sparse loss."""
+    save = tmp_path / "run"
+    (history,) = run_on_ranks(train, 1, ["--train-iters", "4", "--warmup-iters", "1", "--seq-length", "32",
+                                         "--lr", "1e-2", "--load", converted, "--save", str(save),
+                                         "--phase", phase], timeout=300)
+    indexer_losses = [m["indexer_loss"] for m in history]
+    print(f"{phase}: loss {[round(m['loss'], 4) for m in history]}, indexer loss {indexer_losses}")
+    initial = _tensors(converted, tmp_path)
+    trained = _tensors(str(save / "iter_0000004"), tmp_path)
+    weights = [k for k in initial if isinstance(initial[k], torch.Tensor) and initial[k].is_floating_point()
+               and "_extra_state" not in k and k in trained]
+    indexer = [k for k in weights if ".indexer." in k]
+    others = [k for k in weights if ".indexer." not in k and "expert_bias" not in k]
+    assert len(indexer) >= 8 and len(others) > 50
+    moved = {k for k in weights if not torch.equal(trained[k], initial[k])}
+    if phase == "dense":
+        assert indexer_losses == [None] * 4
+        assert not moved & set(indexer) and set(others) & moved
+    elif phase == "indexer-warmup":
+        assert all(loss > 0 for loss in indexer_losses)
+        assert set(indexer) <= moved and not moved & set(others), sorted(moved & set(others))[:3]
+    else:
+        assert all(loss > 0 for loss in indexer_losses)
+        assert set(indexer) <= moved and set(others) & moved

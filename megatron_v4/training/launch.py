@@ -72,6 +72,14 @@ def phase_config(args, arch) -> dict:
     return dict(phase, indexer_loss_coeff=coeff)
 
 
+def phase_frozen(phase: str, config) -> list[str]:
+    """Parameter patterns a phase freezes: the unused indexer in the dense phase (so that weight decay
+    does not shrink it either), everything but the indexer in its warm-up."""
+    if CSA not in config.compress_ratios:
+        return []
+    return {"dense": [INDEXER_PARAMETERS], "indexer-warmup": [f"(?!{INDEXER_PARAMETERS}).*"]}.get(phase, [])
+
+
 def model_config(args, arch, layout):
     name = args.dtype or ("bf16" if torch.cuda.is_available() else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
@@ -243,7 +251,7 @@ def build_bare(args, config):
     """This rank's model before DDP, with the --freeze / --freeze-file tensors frozen (and the parameter
     counts logged): DDP and the optimizer then leave frozen tensors without gradient or state."""
     bare = bare_model(config)
-    patterns = (args.freeze or []) + ([f"(?!{INDEXER_PARAMETERS}).*"] if args.phase == "indexer-warmup" else [])
+    patterns = (args.freeze or []) + phase_frozen(args.phase, config)
     official = read_freeze_file(args.freeze_file) if args.freeze_file else []
     if patterns or official:
         frozen = freeze(bare, patterns, official)
