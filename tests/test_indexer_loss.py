@@ -24,7 +24,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 import dsv4_layout_ranks as layout_ranks
 import megatron_v4
-from megatron_v4.attention import get_dsv4_attention_spec
+from megatron_v4.specs import get_dsv4_attention_spec
 from megatron_v4.config import DeepSeekV4TransformerConfig
 from megatron_v4.indexer_loss import IndexerLossTracker
 from megatron_v4.rope import apply_rotary
