@@ -34,7 +34,10 @@ case "$layout" in
 esac
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-python="${PYTHON:-python}"
+# The project's virtual environment when set-up made one, so the script works without activating it.
+default_python=python
+[[ -x "$here/../.venv/bin/python" ]] && default_python="$here/../.venv/bin/python"
+python="${PYTHON:-$default_python}"
 if [[ "$ranks" == 1 && -z "${NNODES:-}" ]]; then
   exec "$python" "$here/pretrain.py" "${flags[@]}" "$@"
 fi
