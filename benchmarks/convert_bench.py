@@ -15,7 +15,6 @@ is checked byte for byte against the source. `cp -r` of the source directory
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -27,7 +26,10 @@ import time
 
 import torch
 
+from megatron_v4.runtime.command_line import ArgumentParser, UsageError, run_main
+
 GB = 1e9
+MIN_EXPERTS = 8
 FLASH = dict(
     vocab_size=129280, hidden_size=4096, num_attention_heads=64, head_dim=512, qk_rope_head_dim=64,
     q_lora_rank=1024, o_groups=8, o_lora_rank=1024, sliding_window=128, index_n_heads=64, index_head_dim=128,
@@ -91,7 +93,11 @@ def make_synthetic_checkpoint(out_dir: str, size_gb: float, seed: int = 0) -> di
     per_expert = 3 * FLASH["moe_intermediate_size"] * FLASH["hidden_size"] * (0.5 + 1 / 32) * 2  # 2 layers
     fixed_bytes = sum(_numel(s) * (0.5 if "experts.0." in n and ".shared" not in n else 2)
                       for n, (s, _) in fixed.items())
-    num_experts = max(8, int((size_gb * GB - fixed_bytes) / per_expert))
+    smallest = (fixed_bytes + MIN_EXPERTS * per_expert) / GB
+    if size_gb < smallest:
+        raise UsageError(f"--size-gb {size_gb}: the smallest checkpoint with V4-Flash shapes ({MIN_EXPERTS} experts) "
+                         f"is {smallest:.2f} GB; use --size-gb {smallest:.2f} or more")
+    num_experts = int((size_gb * GB - fixed_bytes) / per_expert)
     cfg = _flash_config(num_experts)
     g = torch.Generator().manual_seed(seed)
 
@@ -169,12 +175,15 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(sys.argv[2:])
         return 0
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="convert_bench.py", description=__doc__)
     parser.add_argument("--size-gb", type=float, default=4.0, help="source checkpoint size (default 4 GB)")
     parser.add_argument("--workdir", help="where to write (default: a temporary directory under /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
-    args = parser.parse_args()
-
+    args = parser.parse_args(sys.argv[1:])
+    if args.size_gb <= 0:
+        raise UsageError(f"--size-gb {args.size_gb} must be > 0")
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="dsv4-convert-bench-", dir=args.workdir)
     hf, mcore, exported, copied = (os.path.join(work, d) for d in ("hf", "mcore", "exported", "cp"))
     try:
@@ -210,4 +219,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main("convert_bench.py", lambda: sys.exit(main()))

@@ -1,4 +1,4 @@
-"""KV compressor of DeepSeek-V4's compressed attention layers (spec section 3, "Compressor").
+"""KV compressor of DeepSeek-V4's compressed attention layers (official inference code `Compressor`).
 
 Every `compress_ratio` (m) tokens of a layer's input are pooled into one
 compressed KV entry:

@@ -55,6 +55,10 @@ HARMLESS_LOG_MESSAGES = {
     # Megatron-Core suggests an optimisation for callers that pre-compute the parameter layout; its own
     # computation gives the same layout.
     "megatron.core.distributed.distributed_data_parallel": r"full_param_layout not provided",
+    # transformers checks YaRN's factor against max_position_embeddings / original_max_position_embeddings
+    # (equal in the released configs, not in small test ones); it uses the explicit factor, as
+    # DeepSeek-V4's official inference code does.
+    "transformers.modeling_rope_utils": r"The explicitly set RoPE scaling factor",
 }
 
 
