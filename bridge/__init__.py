@@ -4,7 +4,7 @@ The names below load on first use (PEP 562), so that `python -m bridge --help` a
 answer before PyTorch and Megatron-Core are imported.
 """
 
-import importlib
+from megatron_v4.runtime.lazy import lazy_exports
 
 _EXPORTS = {
     "AutoBridge": "bridge.auto_bridge",
@@ -22,13 +22,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'bridge' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -4,8 +4,7 @@ The names below load on first use (PEP 562), so that `import megatron_v4` and th
 `--help` do not pay for importing PyTorch and Megatron-Core up front.
 """
 
-import importlib
-
+from megatron_v4.runtime.lazy import lazy_exports
 from megatron_v4.runtime.quiet import quiet_known_warnings
 
 quiet_known_warnings()
@@ -27,13 +26,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'megatron_v4' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -3,7 +3,7 @@ that let Megatron-Core run on gloo without a GPU (`cpu_compat`), the local rank 
 (`run_on_ranks`) the tests use, and the command-line conventions of the tools (`command_line`,
 `quiet`). Loaded on first use, like the package facade."""
 
-import importlib
+from megatron_v4.runtime.lazy import lazy_exports
 
 _EXPORTS = {
     "ParallelLayout": "megatron_v4.runtime.parallel",
@@ -13,9 +13,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'megatron_v4.runtime' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
