@@ -412,10 +412,11 @@ def test_eval_metrics_jsonl_and_tensorboard(converted, muon_one_rank, tmp_path):
     assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
     for record in steps:
         assert {"step", "loss", "mtp_loss", "indexer_loss", "grad_norm", "lr"} <= set(record)
-        assert record["indexer_loss"] is None and record["loss"] > 0 and record["mtp_loss"] > 0
+        assert record["indexer_loss"] > 0 and record["loss"] > 0 and record["mtp_loss"] > 0
     assert [r["step"] for r in evals] == [2, 4, 5]
-    assert all(r["eval_loss"] > 0 and r["eval_mtp_loss"] > 0 for r in evals)
-    print("eval:", [(r["step"], round(r["eval_loss"], 4), round(r["eval_mtp_loss"], 4)) for r in evals])
+    assert all(r["eval_loss"] > 0 and r["eval_mtp_loss"] > 0 and r["eval_indexer_loss"] > 0 for r in evals)
+    print("eval:", [(r["step"], round(r["eval_loss"], 4), round(r["eval_mtp_loss"], 4),
+                     round(r["eval_indexer_loss"], 4)) for r in evals])
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -423,7 +424,7 @@ def test_eval_metrics_jsonl_and_tensorboard(converted, muon_one_rank, tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/mtp_loss", "train/grad_norm", "train/lr", "train/tokens_per_s", "train/mem_gb",
-            "eval/loss", "eval/mtp_loss"} <= tags, tags
+            "train/indexer_loss", "eval/loss", "eval/mtp_loss", "eval/indexer_loss"} <= tags, tags
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([m["loss"] for m in history])
 
 

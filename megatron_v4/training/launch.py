@@ -233,6 +233,8 @@ def _train(args, layout) -> list[dict]:
                 writer.evaluation(result)
                 if dist.get_rank() == 0:
                     mtp = "" if result["eval_mtp_loss"] is None else f" | mtp loss {result['eval_mtp_loss']:.4f}"
+                    if result["eval_indexer_loss"] is not None:
+                        mtp += f" | indexer loss {result['eval_indexer_loss']:.4f}"
                     log.info("validation at step %d | loss %.4f%s", done, result["eval_loss"], mtp)
             periodic = args.save_interval and done % args.save_interval == 0
             if args.save and (periodic or done == stop):

@@ -10,7 +10,7 @@ import os
 import torch.distributed as dist
 
 STEP_FIELDS = ("step", "loss", "mtp_loss", "indexer_loss", "grad_norm", "lr", "tokens_per_s", "mem_gb")
-EVAL_FIELDS = ("step", "eval_loss", "eval_mtp_loss")
+EVAL_FIELDS = ("step", "eval_loss", "eval_mtp_loss", "eval_indexer_loss")
 
 
 def _number(value):

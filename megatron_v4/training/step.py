@@ -79,28 +79,37 @@ def _reduced_losses(outputs, order: DataOrder) -> tuple[float, float | None]:
 
 
 def evaluate(model, dataset, order: DataOrder, iters: int, seq_length: int) -> dict:
-    """LM and MTP loss (token means) over `iters` global batches of `dataset`, without gradients.
+    """LM, MTP and indexer loss (token means; None where the run has none) over `iters` global batches of
+    `dataset`, without an optimizer step.
 
     The forward runs in training mode, because Megatron-Core's MTP records its loss only then
-    (`process_mtp_loss(is_training=...)`); DeepSeek-V4 has no dropout, and the buffers a training forward
-    touches (the routers' token counts for the expert-bias update) are restored afterwards, so evaluating
-    leaves training unchanged."""
+    (`process_mtp_loss(is_training=...)`); with an indexer loss it also runs with autograd recording,
+    because the attention computes the indexer loss only then (no backward follows, so no gradient is
+    made). DeepSeek-V4 has no dropout, and the buffers a training forward touches (the routers' token
+    counts for the expert-bias update) are restored afterwards, so evaluating leaves training unchanged."""
     bare = model.module
     saved = {name: buffer.clone() for name, buffer in bare.named_buffers()}
     MTPLossLoggingHelper.clean_metrics_in_tracker()
-    losses, mtp_losses = [], []
-    with torch.no_grad():
+    IndexerLossTracker.reset()
+    losses, mtp_losses, indexer_losses = [], [], []
+    with torch.set_grad_enabled(bool(model.config.indexer_loss_coeff)):
         for i in range(iters):
             loss, mtp = _reduced_losses(_run_schedule(model, dataset, order, i, seq_length, True), order)
             losses.append(loss)
             mtp_losses.append(mtp)
+            indexer_losses.append(indexer_loss(model, order.num_microbatches))
     with torch.no_grad():
         for name, buffer in bare.named_buffers():
             buffer.copy_(saved[name])
     return {
-        "eval_loss": sum(losses) / len(losses),
-        "eval_mtp_loss": None if mtp_losses[0] is None else sum(mtp_losses) / len(mtp_losses),
+        "eval_loss": _mean(losses),
+        "eval_mtp_loss": _mean(mtp_losses),
+        "eval_indexer_loss": _mean(indexer_losses),
     }
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if values[0] is None else sum(values) / len(values)
 
 
 def train_step(model, optimizer, scheduler, dataset, order: DataOrder, step: int, seq_length: int) -> dict:
