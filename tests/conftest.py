@@ -8,6 +8,7 @@ from megatron_v4.runtime.quiet import quiet_known_warnings
 # Megatron-Core announces its missing optional packages when first imported: import it here, under the
 # same filters, rather than while pytest collects the first test module.
 quiet_known_warnings()
+import megatron.core.models.gpt.gpt_layer_specs  # noqa: E402,F401
 import megatron.core.optimizer  # noqa: E402,F401
 import megatron_v4.model  # noqa: E402,F401
 

@@ -42,6 +42,9 @@ HARMLESS_WARNINGS = (
     r"Please use DTensor instead and we are deprecating ShardedTensor",
     r"The argument order of load has been changed",
     r"torch\.distributed is disabled, unavailable or uninitialized",
+    # Megatron-Core's config checks name the rank in messages; without a process group (a config
+    # built before `initialize`) it says it assumes rank 0, which is right for one process.
+    r"Could not determine rank from torch\.distributed",
 )
 
 HARMLESS_LOGGERS = {
