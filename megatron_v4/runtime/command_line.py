@@ -55,9 +55,9 @@ def world_size() -> int:
 def check_world_size(script: str, **sizes: int) -> None:
     """Refuse model-parallel sizes whose product exceeds the processes started, naming the launch."""
     needed = 1
-    for size in sizes.values():
+    for name, size in sizes.items():
         if size < 1:
-            raise UsageError(f"--{next(k for k, v in sizes.items() if v == size)} {size} must be >= 1")
+            raise UsageError(f"--{name} {size} must be >= 1")
         needed *= size
     if needed > world_size():
         flags = " ".join(f"--{name} {size}" for name, size in sizes.items() if size > 1)
@@ -106,6 +106,7 @@ def run_main(prog: str, main: Callable[[], object]) -> NoReturn:
     except BaseException as e:  # torch.distributed's CheckpointException is a BaseException
         if verbose():
             raise
-        sys.stderr.write(f"{prog}: error: {one_line(e)}\n")
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line for the job, not one per rank
+            sys.stderr.write(f"{prog}: error: {one_line(e)}\n")
         sys.exit(EXIT_USAGE if isinstance(e, UsageError) else EXIT_FAILED)
     sys.exit(0)
