@@ -301,7 +301,8 @@ def _check_nested_keys(raw: Mapping[str, Any]) -> None:
         return
     _check_dict_keys(quant, QUANTIZATION_KEYS, "quantization_config")
     for key, accepted in QUANTIZATION_KEYS.items():
-        if accepted is not None and quant.get(key) not in accepted:
+        given = key in quant or key == "quant_method"  # quant_method is the one that must be given
+        if accepted is not None and given and quant.get(key) not in accepted:
             raise UnsupportedConfigError(
                 f"unsupported quantization_config {key}={quant.get(key)!r}; DeepSeek-V4 checkpoints use "
                 f"{list(accepted)}"
