@@ -542,9 +542,9 @@ def official_config_dict(cfg: DeepSeekV4HFConfig) -> dict[str, Any]:
 
 
 def _mtp_ratios(cfg: DeepSeekV4HFConfig) -> tuple[int, ...]:
-    """The MTP layers' `compress_ratios` entries: the source's, else one sliding-window 0 per MTP layer
-    (at least one, as the released configs have)."""
-    if cfg.mtp_compress_ratios is not None:
+    """The MTP layers' `compress_ratios` entries: the source's while they cover the MTP layers, else one
+    sliding-window 0 per MTP layer (at least one, as the released configs have)."""
+    if cfg.mtp_compress_ratios is not None and len(cfg.mtp_compress_ratios) >= cfg.num_nextn_predict_layers:
         return cfg.mtp_compress_ratios
     return (0,) * max(cfg.num_nextn_predict_layers, 1)
 
