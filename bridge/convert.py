@@ -12,8 +12,9 @@ memory holds a few tensors, never the model. Beside the Megatron-Core files it
 writes `dsv4_bridge/`: the official-flavour `config.json` (enough to rebuild the
 model), `source.json` (each official tensor's stored format), the original
 FP8/FP4 scales and, byte for byte, the tensors of parts of the release it does
-not build (a draft head, a vision encoder and aligner), which export writes back. Export reads the Megatron-Core tensors back in bounded groups and,
-with `dtype="source"`, re-quantises each tensor to its source format, reusing the
+not build (a draft head, a vision encoder and aligner), which export writes back.
+Export reads the Megatron-Core tensors back in bounded groups and, with
+`dtype="source"`, re-quantises each tensor to its source format, reusing the
 original scale of every block the weights still fit exactly (bit-identical bytes
 when the weights did not change).
 """

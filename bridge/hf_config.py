@@ -253,14 +253,15 @@ def read_hf_config(source: str | os.PathLike | Mapping[str, Any]) -> DeepSeekV4H
     _check_fixed_values(raw)
     _check_nested_keys(raw)
     values: dict[str, Any] = {f: raw[k] for k, f in SHARED_KEYS.items() if k in raw}
-    values["extra"] = {k: v for k, v in raw.items() if _carried_key(k)}
     values.update(FLAVOUR_READERS[flavour](raw))
     values["dtype"] = next((raw[k] for k in DTYPE_KEYS if raw.get(k) is not None), None)
+    values["extra"] = {k: v for k, v in raw.items() if _carried_key(k)}
     values["flavour"] = flavour
     return _validated(values)
 
 
 def declares_draft_head(keys) -> bool:
+    """Whether config keys `keys` include a draft head's (`dspark_*`)."""
     return any(key.startswith(DRAFT_HEAD_KEY_PREFIX) for key in keys)
 
 

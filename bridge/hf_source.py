@@ -8,6 +8,9 @@ headers alone. Both sources answer `read_share(official, part)`: one rank's shar
 one official tensor, reading from disk only the rows it needs, also out of
 transformers' stacked-expert tensors [E, parts * rows, cols]. FP8/FP4 tensors are
 read whole and dequantised first, since their scales cover blocks a share may cut.
+Tensors of parts of a release that are not the text model (a draft head's `mtp.*` when
+the config declares one, a vision variant's encoder and aligner) are listed apart in
+`HFSource.carried`, to be kept byte for byte.
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ class HFSource:
             raise CheckpointError(f"{self.path}: the checkpoint holds no tensors")
         scales = scale_companions(headers)
         draft_head = self.config.has_draft_head
-        weights = [n for n in headers if n not in scales and not (draft_head and n.startswith(DRAFT_HEAD_PREFIXES))]
+        weights = [n for n in headers
+                   if n not in scales and not (draft_head and n.startswith(DRAFT_HEAD_PREFIXES))]
         try:
             self.naming = detect_naming(weights)
         except (KeyError, ValueError) as e:
