@@ -3,7 +3,7 @@
 Two kinds of directory hold model weights:
 - an import (`python -m bridge import --out DIR`): the `torch_dist` files, and `dsv4_bridge/` with the
   architecture (`config.json`), the source tensors' formats (`source.json`) and their original
-  FP8/FP4 scales (`scales/`);
+  FP8/FP4 scales (`scales/`) and the tensors of parts it does not build (`carried/`);
 - a training save directory (`pretrain.py --save DIR`), laid out as Megatron-LM lays it out:
   `latest_checkpointed_iteration.txt` and one `iter_NNNNNNN/` per checkpoint, each a `torch_dist`
   checkpoint (model, optimizer, scheduler, RNG, data position) with its own `dsv4_bridge/`.
@@ -17,6 +17,8 @@ import os
 RECORD_DIR = "dsv4_bridge"
 RECORD_FILE = "source.json"
 SCALES_DIR = "scales"
+CARRIED_DIR = "carried"
+"""Tensors of the source's other parts (a draft head, a vision encoder), kept byte for byte for export."""
 CONFIG_FILE = "config.json"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 """Megatron-LM's name for the file holding a save directory's latest iteration."""

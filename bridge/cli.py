@@ -81,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(report.quantised.items()))
         print(f"imported {report.tensors} tensors ({kinds}; {report.naming} naming), "
               f"{report.source_bytes / 1e9:.3f} GB in {report.seconds:.1f} s -> {args.out}")
+        if report.carried:
+            print(f"carried {report.carried} tensors of parts this bridge does not build (draft head, vision "
+                  "encoder) byte for byte; export writes them back, nothing here trains or runs them")
         return 0
     if args.command == "export":
         report = convert.export_checkpoint(args.mcore, args.out, args.dtype, args.force,
@@ -88,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
                                            iteration=args.iteration)
         print(f"exported {report.tensors} tensors ({report.quantised_tensors} re-quantised, "
               f"{report.fresh_scale_blocks} blocks with a fresh scale), {report.written_bytes / 1e9:.3f} GB "
-              f"in {len(report.files)} file(s), {report.seconds:.1f} s -> {args.out}")
+              f"in {len(report.files)} file(s), {report.seconds:.1f} s -> {args.out}"
+              + (f"; {report.carried} carried tensors written back unchanged" if report.carried else ""))
         return 0
     report = convert.verify(args.hf, args.mcore, args.sequences, args.seq_len, iteration=args.iteration)
     ok = report.passed(args.min_cosine, args.min_argmax)

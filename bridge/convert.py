@@ -10,9 +10,11 @@ Megatron-Core tensor from its official tensors as the conversion plan says
 straight into the Megatron-Core checkpoint (see `bridge.mcore_checkpoint`), so
 memory holds a few tensors, never the model. Beside the Megatron-Core files it
 writes `dsv4_bridge/`: the official-flavour `config.json` (enough to rebuild the
-model), `source.json` (each official tensor's stored format) and the original
-FP8/FP4 scales. Export reads the Megatron-Core tensors back in bounded groups and,
-with `dtype="source"`, re-quantises each tensor to its source format, reusing the
+model), `source.json` (each official tensor's stored format), the original
+FP8/FP4 scales and, byte for byte, the tensors of parts of the release it does
+not build (a draft head, a vision encoder and aligner), which export writes back.
+Export reads the Megatron-Core tensors back in bounded groups and, with
+`dtype="source"`, re-quantises each tensor to its source format, reusing the
 original scale of every block the weights still fit exactly (bit-identical bytes
 when the weights did not change).
 """
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 
-from bridge.checkpoint_dirs import RECORD_DIR, RECORD_FILE, SCALES_DIR, resolve_checkpoint
+from bridge.checkpoint_dirs import CARRIED_DIR, RECORD_DIR, RECORD_FILE, SCALES_DIR, resolve_checkpoint
 from bridge.conversion_plan import ConversionPlan, TensorPlan
 from bridge.hf_config import (
     DeepSeekV4HFConfig,
@@ -39,7 +41,7 @@ from bridge.hf_config import (
     transformers_config,
     write_official_config,
 )
-from bridge.hf_naming import TRANSFORMERS_MODULE, TRANSLATORS
+from bridge.hf_naming import NAMINGS, TRANSFORMERS_MODULE, TRANSLATORS
 from bridge.hf_source import CheckpointError, HFSource, carried_mtp_layers
 from bridge.mcore_checkpoint import (
     CheckpointReader,
@@ -53,7 +55,7 @@ from bridge.mcore_naming import SEQUENTIAL_EXPERTS, detect_expert_form
 from bridge.output_dir import atomic_output_dir
 from bridge.progress import Progress
 from bridge.quantisation import FP4, SourceFormat, dtype_name, release_plain_format, requantise, scale_name
-from bridge.safetensors_io import PlannedTensor, SafetensorsCheckpoint, SafetensorsWriter
+from bridge.safetensors_io import PlannedTensor, SafetensorsCheckpoint, SafetensorsWriter, write_safetensors
 from megatron_v4.model import DeepSeekV4Model
 from megatron_v4.runtime import destroy, initialize
 
@@ -134,14 +136,22 @@ def fresh_record(config: DeepSeekV4HFConfig) -> SourceRecord:
 def write_record(directory: str | os.PathLike, config: DeepSeekV4HFConfig, record: SourceRecord,
                  scales_from: str | os.PathLike | None = None) -> None:
     """`directory/dsv4_bridge/`: what export needs beside the weights (the architecture, the record, and
-    the original FP8/FP4 scales of `scales_from`, a checkpoint directory holding some)."""
+    the original FP8/FP4 scales and carried tensors of `scales_from`, a checkpoint directory holding some)."""
     record_dir = os.path.join(os.fspath(directory), RECORD_DIR)
     os.makedirs(record_dir, exist_ok=True)
     write_official_config(config, record_dir)
     record.save(record_dir)
-    scales = os.path.join(os.fspath(scales_from), RECORD_DIR, SCALES_DIR) if scales_from else None
-    if scales and os.path.isdir(scales):
-        shutil.copytree(scales, os.path.join(record_dir, SCALES_DIR), dirs_exist_ok=True)
+    for kept in (SCALES_DIR, CARRIED_DIR):
+        kept_dir = os.path.join(os.fspath(scales_from), RECORD_DIR, kept) if scales_from else None
+        if kept_dir and os.path.isdir(kept_dir):
+            shutil.copytree(kept_dir, os.path.join(record_dir, kept), dirs_exist_ok=True)
+
+
+def _carry(source: HFSource, directory: str, max_shard_bytes: int = 256 << 20) -> None:
+    """The source's carried tensors into `directory`, as stored (no folder when there are none)."""
+    if source.carried:
+        write_safetensors(((name, source.checkpoint.get(name)) for name in source.carried), directory,
+                          max_shard_bytes)
 
 
 class _ScaleShards:
@@ -197,6 +207,8 @@ class ImportReport:
     seconds: float
     naming: str
     quantised: dict[str, int]
+    carried: int = 0
+    """Tensors of parts not built (a draft head, a vision encoder), kept byte for byte in the record."""
 
 
 def import_checkpoint(
@@ -240,6 +252,7 @@ def import_checkpoint(
             write_checkpoint(tmp, sharded, materialise, order=order,
                              on_written=lambda name, tensor: written.update(tensor.nbytes))
             scales.close()
+            _carry(source, os.path.join(record_dir, CARRIED_DIR))
             write_official_config(source.config, record_dir)
             record = SourceRecord(
                 naming=source.naming,
@@ -255,7 +268,8 @@ def import_checkpoint(
     for name in source.names():
         kind = source.tensors[name].format.quant or source.tensors[name].format.dtype
         quantised[kind] = quantised.get(kind, 0) + 1
-    return ImportReport(len(source.names()), total, written.bytes, bar.seconds, source.naming, quantised)
+    return ImportReport(len(source.names()), total, written.bytes, bar.seconds, source.naming, quantised,
+                        len(source.carried))
 
 
 def _import_plan(source: HFSource, sharding: dict, plan: ConversionPlan) -> dict[str, tuple[TensorPlan, torch.dtype]]:
@@ -324,6 +338,7 @@ class ExportReport:
     fresh_scale_blocks: int = 0
     quantised_tensors: int = 0
     files: list[str] = field(default_factory=list)
+    carried: int = 0
 
 
 ExportForm = SourceFormat | torch.dtype
@@ -370,8 +385,9 @@ def export_checkpoint(
     mcore_dir = resolve_checkpoint(mcore_dir, iteration)
     record = SourceRecord.load(mcore_dir)
     config = read_hf_config(os.path.join(mcore_dir, RECORD_DIR))
-    scales_dir = os.path.join(mcore_dir, RECORD_DIR, SCALES_DIR)
-    originals = SafetensorsCheckpoint(scales_dir) if os.path.isdir(scales_dir) else None
+    originals = _record_tensors(mcore_dir, SCALES_DIR)
+    carried = _record_tensors(mcore_dir, CARRIED_DIR)
+    prefix = NAMINGS[record.naming].prefix
     report = ExportReport(len(record.tensors), 0, 0.0)
     with _single_rank():
         sharded, sharding, _ = _meta_model(config, getattr(torch, record.dtype), record.mtp_num_layers)
@@ -381,7 +397,10 @@ def export_checkpoint(
             tensor = plan.tensor(name)
             for official in tensor.official:
                 forms[official] = export_form(official, record.format_of(official), dtype)
-                announced += _announced(official, forms[official], tensor.official_shape(tensor_sharding.data.shape))
+                announced += _announced(prefix + official, forms[official],
+                                        tensor.official_shape(tensor_sharding.data.shape))
+        carried_names = carried.names() if carried else []
+        announced += [PlannedTensor(n, carried.headers[n].dtype, carried.headers[n].shape) for n in carried_names]
         reader = CheckpointReader(mcore_dir, sharded)
         total = sum(math.prod(s.data.shape) * reader.stored_dtype(n).itemsize for n, s in sharding.items())
         bar = Progress("export", len(sharding), total, enabled=progress)
@@ -391,7 +410,10 @@ def export_checkpoint(
                 bar.update(tensor.nbytes)
                 for official, piece in plan.tensor(name).split(tensor):
                     for written_name, written in _exported(official, piece, forms[official], originals, report):
-                        writer.write(written_name, written)
+                        writer.write(prefix + written_name, written)
+            for name in carried_names:
+                writer.write(name, carried.get(name))
+            report.carried = len(carried_names)
             report.files = writer.close()
             written_config = config
             if dtype == "bf16":
@@ -402,6 +424,12 @@ def export_checkpoint(
         bar.close()
     report.seconds = bar.seconds
     return report
+
+
+def _record_tensors(mcore_dir: str, kept: str) -> SafetensorsCheckpoint | None:
+    """The record's original scales (`SCALES_DIR`) or carried tensors (`CARRIED_DIR`), if it has some."""
+    directory = os.path.join(mcore_dir, RECORD_DIR, kept)
+    return SafetensorsCheckpoint(directory) if os.path.isdir(directory) else None
 
 
 def _exported(official: str, tensor: torch.Tensor, form: ExportForm, originals, report: ExportReport):

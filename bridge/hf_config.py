@@ -87,7 +87,15 @@ class DeepSeekV4HFConfig:
     flavour: str = OFFICIAL
     """Which config flavour this was read from."""
     extra: Mapping[str, Any] = field(default_factory=dict)
-    """Metadata keys carried through unchanged (architectures, transformers_version, ...)."""
+    """Keys carried through unchanged, in the source's order: metadata (architectures,
+    transformers_version, ...), legacy keys at their neutral values and the carried parts' keys."""
+    mtp_compress_ratios: tuple[int, ...] | None = None
+    """The official `compress_ratios` entries past the decoder layers, as the config gave them."""
+
+    @property
+    def has_draft_head(self) -> bool:
+        """A release with a draft head (`dspark_*` keys): its `mtp.*` tensors are carried, not built."""
+        return declares_draft_head(self.extra)
 
 
 # --- the key tables -------------------------------------------------------------------------------
@@ -141,6 +149,7 @@ FIXED_KEYS = {
 }
 
 # Keys that describe the file or inference settings, not the architecture: kept in `extra`.
+# `auto_map`, `_name_or_path`, `return_dict`, `output_*` are transformers' `PretrainedConfig` attributes.
 METADATA_KEYS = (
     "architectures",
     "transformers_version",
@@ -149,7 +158,28 @@ METADATA_KEYS = (
     "output_router_logits",
     "router_aux_loss_coef",
     "router_jitter_noise",
+    "auto_map",
+    "_name_or_path",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
 )
+
+# DeepSeek-V3 keys that some DeepSeek-V4 configs still carry: accepted (and kept in `extra`) only at the
+# value that switches them off; in DeepSeek-V4 every layer is MoE, routing has no expert groups and
+# attention has no kv LoRA.
+LEGACY_KEYS = {
+    "first_k_dense_replace": (0,),
+    "n_group": (1,),
+    "topk_group": (1,),
+    "kv_lora_rank": (None,),
+}
+
+# Config keys of parts this bridge carries without building them, by name prefix: the draft head of
+# DeepSeek-V4-Flash-0731 and the DSpark releases (`dspark_*`) and the vision variant's encoder and
+# aligner. Their meaning is not read: they are kept in `extra` and written back as they came.
+DRAFT_HEAD_KEY_PREFIX = "dspark_"
+CARRIED_KEY_PREFIXES = (DRAFT_HEAD_KEY_PREFIX, "vision", "aligner")
 DTYPE_KEYS = ("torch_dtype", "dtype")
 
 # Keys only one flavour has; seeing one of them decides the flavour.
@@ -164,7 +194,19 @@ FLAVOUR_KEYS = {
 }
 
 YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow")
+# What may stand inside `rope_scaling` (official) and `rope_parameters[...]` (transformers).
+ROPE_SCALING_KEYS = ("type", "rope_type", *YARN_KEYS)
+ROPE_PARAMETER_KEYS = (*ROPE_SCALING_KEYS, "rope_theta", "partial_rotary_factor", "attention_factor")
 SUPPORTED_QUANT_METHODS = ("fp8",)
+# `quantization_config` of the released configs; transformers' flavour adds `expert_dtype` inside it.
+QUANTIZATION_KEYS = {
+    "quant_method": SUPPORTED_QUANT_METHODS,
+    "fmt": ("e4m3",),
+    "activation_scheme": ("dynamic",),
+    "scale_fmt": None,
+    "weight_block_size": None,
+    "expert_dtype": None,
+}
 
 
 class UnsupportedConfigError(ValueError):
@@ -209,18 +251,29 @@ def read_hf_config(source: str | os.PathLike | Mapping[str, Any]) -> DeepSeekV4H
     flavour = config_flavour(raw)
     _check_known_keys(raw, flavour)
     _check_fixed_values(raw)
+    _check_nested_keys(raw)
     values: dict[str, Any] = {f: raw[k] for k, f in SHARED_KEYS.items() if k in raw}
     values.update(FLAVOUR_READERS[flavour](raw))
     values["dtype"] = next((raw[k] for k in DTYPE_KEYS if raw.get(k) is not None), None)
-    values["extra"] = {k: raw[k] for k in METADATA_KEYS if k in raw}
+    values["extra"] = {k: v for k, v in raw.items() if _carried_key(k)}
     values["flavour"] = flavour
     return _validated(values)
 
 
+def declares_draft_head(keys) -> bool:
+    """Whether config keys `keys` include a draft head's (`dspark_*`)."""
+    return any(key.startswith(DRAFT_HEAD_KEY_PREFIX) for key in keys)
+
+
+def _carried_key(key: str) -> bool:
+    """A key kept as it came, its meaning not read (see `DeepSeekV4HFConfig.extra`)."""
+    return key in METADATA_KEYS or key in LEGACY_KEYS or key.startswith(CARRIED_KEY_PREFIXES)
+
+
 def _check_known_keys(raw: Mapping[str, Any], flavour: str) -> None:
-    known = set(SHARED_KEYS) | set(FIXED_KEYS) | set(METADATA_KEYS) | set(DTYPE_KEYS) | set(FLAVOUR_KEYS[flavour])
+    known = set(SHARED_KEYS) | set(FIXED_KEYS) | set(DTYPE_KEYS) | set(FLAVOUR_KEYS[flavour])
     for key in raw:
-        if key not in known:
+        if key not in known and not _carried_key(key):
             raise UnsupportedConfigError(
                 f"unsupported key {key!r} in a {flavour}-flavour DeepSeek-V4 config; this bridge does not "
                 "know what it changes in the model (remove it if it is metadata, or extend bridge/hf_config.py)"
@@ -228,30 +281,63 @@ def _check_known_keys(raw: Mapping[str, Any], flavour: str) -> None:
 
 
 def _check_fixed_values(raw: Mapping[str, Any]) -> None:
-    for key, accepted in FIXED_KEYS.items():
+    for key, accepted in {**FIXED_KEYS, **LEGACY_KEYS}.items():
         if key in raw and raw[key] not in accepted:
             raise UnsupportedConfigError(
                 f"unsupported value {key}={raw[key]!r}; DeepSeek-V4 as built here needs one of {list(accepted)}"
             )
 
 
+def _check_nested_keys(raw: Mapping[str, Any]) -> None:
+    """The dicts inside a config hold only keys this bridge reads, quantization_config only known values."""
+    _check_dict_keys(raw.get("rope_scaling"), ROPE_SCALING_KEYS, "rope_scaling")
+    for part, params in (raw.get("rope_parameters") or {}).items():
+        if part not in ("main", "compress"):
+            raise UnsupportedConfigError(
+                f"unsupported rope_parameters entry {part!r}; DeepSeek-V4 has 'main' and 'compress'"
+            )
+        _check_dict_keys(params, ROPE_PARAMETER_KEYS, f"rope_parameters[{part!r}]")
+    quant = raw.get("quantization_config")
+    if not quant:
+        return
+    _check_dict_keys(quant, QUANTIZATION_KEYS, "quantization_config")
+    for key, accepted in QUANTIZATION_KEYS.items():
+        given = key in quant or key == "quant_method"  # quant_method is the one that must be given
+        if accepted is not None and given and quant.get(key) not in accepted:
+            raise UnsupportedConfigError(
+                f"unsupported quantization_config {key}={quant.get(key)!r}; DeepSeek-V4 checkpoints use "
+                f"{list(accepted)}"
+            )
+
+
+def _check_dict_keys(d: Mapping[str, Any] | None, known, where: str) -> None:
+    unknown = [key for key in (d or {}) if key not in known]
+    if unknown:
+        raise UnsupportedConfigError(
+            f"unsupported key {unknown[0]!r} in {where}; this bridge does not know what it changes in the model"
+        )
+
+
 def _read_official(raw: Mapping[str, Any]) -> dict[str, Any]:
     num_layers = _required(raw, "num_hidden_layers")
+    draft_head = declares_draft_head(raw)
     ratios = list(raw["compress_ratios"])
     if len(ratios) < num_layers:
         raise UnsupportedConfigError(
             f"compress_ratios has {len(ratios)} entries for num_hidden_layers={num_layers}; "
             "it needs one per layer (plus the MTP layers')"
         )
-    # Entries past the decoder layers belong to the MTP layers (and padding in some releases).
+    # Entries past the decoder layers belong to the MTP layers (and padding in some releases); a draft
+    # head's are carried as they are.
     mtp_ratios = ratios[num_layers:]
-    if any(mtp_ratios):
+    if any(mtp_ratios) and not draft_head:
         raise UnsupportedConfigError(
             f"compress_ratios gives the MTP layers ratios {mtp_ratios}; DeepSeek-V4 MTP layers are "
             "sliding-window only (ratio 0)"
         )
     return dict(
         compress_ratios=tuple(ratios[:num_layers]),
+        mtp_compress_ratios=tuple(mtp_ratios),
         num_hash_layers=_required(raw, "num_hash_layers"),
         qk_rope_head_dim=_required(raw, "qk_rope_head_dim"),
         yarn=_yarn_from_dict(raw.get("rope_scaling"), "rope_scaling"),
@@ -346,12 +432,6 @@ def _validated(values: dict[str, Any]) -> DeepSeekV4HFConfig:
         hf_names = {v: k for k, v in SHARED_KEYS.items()}
         raise UnsupportedConfigError(
             f"config lacks {[hf_names.get(m, m) for m in missing]}; a DeepSeek-V4 config.json must give them"
-        )
-    quant = values.get("quantization_config")
-    if quant and quant.get("quant_method") not in SUPPORTED_QUANT_METHODS:
-        raise UnsupportedConfigError(
-            f"unsupported quantization_config quant_method={quant.get('quant_method')!r}; "
-            f"DeepSeek-V4 checkpoints use {list(SUPPORTED_QUANT_METHODS)}"
         )
     cfg = DeepSeekV4HFConfig(**values)
     if len(cfg.compress_ratios) != cfg.num_layers:
@@ -450,7 +530,7 @@ def official_config_dict(cfg: DeepSeekV4HFConfig) -> dict[str, Any]:
     }
     out.update({k: getattr(cfg, f) for k, f in SHARED_KEYS.items() if getattr(cfg, f) is not None})
     out.update(
-        compress_ratios=list(cfg.compress_ratios) + [0] * max(cfg.num_nextn_predict_layers, 1),
+        compress_ratios=list(cfg.compress_ratios) + list(_mtp_ratios(cfg)),
         num_hash_layers=cfg.num_hash_layers,
         qk_rope_head_dim=cfg.qk_rope_head_dim,
     )
@@ -460,6 +540,14 @@ def official_config_dict(cfg: DeepSeekV4HFConfig) -> dict[str, Any]:
         out["torch_dtype"] = cfg.dtype
     out.update({k: v for k, v in cfg.extra.items() if k != "architectures"})
     return out
+
+
+def _mtp_ratios(cfg: DeepSeekV4HFConfig) -> tuple[int, ...]:
+    """The MTP layers' `compress_ratios` entries: the source's while they cover the MTP layers, else one
+    sliding-window 0 per MTP layer (at least one, as the released configs have)."""
+    if cfg.mtp_compress_ratios is not None and len(cfg.mtp_compress_ratios) >= cfg.num_nextn_predict_layers:
+        return cfg.mtp_compress_ratios
+    return (0,) * max(cfg.num_nextn_predict_layers, 1)
 
 
 def write_official_config(cfg: DeepSeekV4HFConfig, out_dir: str | os.PathLike) -> str:

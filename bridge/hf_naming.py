@@ -1,4 +1,4 @@
-"""The three Hugging Face namings of DeepSeek-V4 tensors, each as a table against the official names.
+"""The Hugging Face namings of DeepSeek-V4 tensors, each as a table against the official names.
 
 - `official`: the released checkpoints' flat names (`layers.3.attn.wq_a.weight`, `embed.weight`).
 - `transformers-saved`: what `DeepseekV4ForCausalLM.save_pretrained` writes: the official per-layer
@@ -8,9 +8,12 @@
 - `transformers-module`: the `state_dict()` of a `DeepseekV4ForCausalLM` in memory
   (`model.layers.3.self_attn.q_a_proj.weight`, ...), with each layer's routed experts stacked into
   `mlp.experts.gate_up_proj` [E, 2I, D] (w1 rows first) and `mlp.experts.down_proj` [E, D, I].
+- `official-model-prefix`: the official names under `model.`, as the text weights of the DeepSeek-V4-Flash
+  vision variant are stored; its other tensors (the vision encoder's and the aligner's) are carried
+  unchanged, not converted. Its MTP tensors are `model.mtp.{k}.*`.
 
-transformers builds no MTP layers (its loader ignores `mtp.*`), so it has no names for them: all
-three namings carry MTP tensors under their official names `mtp.{k}.*`. A directory saved this way
+transformers builds no MTP layers (its loader ignores `mtp.*`), so it has no names for them: its
+namings carry MTP tensors under their official names `mtp.{k}.*`. A directory saved this way
 still loads in transformers, and round trips through any naming keep the MTP weights.
 """
 
@@ -27,6 +30,7 @@ from bridge.name_templates import Template, TemplateIndex
 OFFICIAL = "official"
 TRANSFORMERS_SAVED = "transformers-saved"
 TRANSFORMERS_MODULE = "transformers-module"
+OFFICIAL_MODEL_PREFIX = "official-model-prefix"
 
 OFFICIAL_LAYER_PREFIX = "layers.{layer}."
 MTP_PREFIX = "mtp.{mtp}."
@@ -54,6 +58,11 @@ class HFNaming:
     block: Mapping[str, str] = field(default_factory=dict)
     """official per-layer suffix -> this naming's suffix; suffixes not listed are the same."""
     stacked_experts: tuple[StackedExperts, ...] = ()
+    prefix: str = ""
+    """Put before every name of this naming."""
+    carries_other_parts: bool = False
+    """Tensors outside the text model's names (no `prefix`, or not an official top-level part after it) are
+    other parts of the release, carried unchanged."""
 
 
 OFFICIAL_NAMING = HFNaming(
@@ -132,7 +141,17 @@ TRANSFORMERS_MODULE_NAMING = HFNaming(
     ),
 )
 
-NAMINGS = {n.name: n for n in (OFFICIAL_NAMING, TRANSFORMERS_SAVED_NAMING, TRANSFORMERS_MODULE_NAMING)}
+OFFICIAL_MODEL_PREFIX_NAMING = HFNaming(
+    name=OFFICIAL_MODEL_PREFIX,
+    top={},
+    layer_prefix=OFFICIAL_LAYER_PREFIX,
+    prefix="model.",
+    carries_other_parts=True,
+)
+
+# In detection order: a prefixed naming that carries other parts is tried last.
+NAMINGS = {n.name: n for n in (OFFICIAL_NAMING, TRANSFORMERS_SAVED_NAMING, TRANSFORMERS_MODULE_NAMING,
+                               OFFICIAL_MODEL_PREFIX_NAMING)}
 
 
 def _official_name_sets() -> tuple[list[str], list[str], list[str]]:
@@ -162,10 +181,12 @@ class HFNameTranslator:
             if suffix not in stacked_parts
         ]
         pairs += [(MTP_PREFIX + suffix, MTP_PREFIX + suffix) for suffix in mtp]
+        pairs = [(official, naming.prefix + theirs) for official, theirs in pairs]
+        self._text_parts = {official.split(".")[0] for official, _ in pairs}
         self._to_official = TemplateIndex((theirs, official) for official, theirs in pairs)
         self._to_naming = TemplateIndex(pairs)
         self._stacked_from_naming = TemplateIndex(
-            (naming.layer_prefix + s.name, s) for s in naming.stacked_experts
+            (naming.prefix + naming.layer_prefix + s.name, s) for s in naming.stacked_experts
         )
         self._stacked_from_official = TemplateIndex(
             (OFFICIAL_LAYER_PREFIX + part, (s, i)) for s in naming.stacked_experts for i, part in enumerate(s.official)
@@ -173,6 +194,13 @@ class HFNameTranslator:
 
     def knows(self, name: str) -> bool:
         return self._to_official.match(name) is not None or self._stacked_from_naming.match(name) is not None
+
+    def carries(self, name: str) -> bool:
+        """Whether `name` belongs to another part of the release than the text model (see `HFNaming`)."""
+        if not self.naming.carries_other_parts:
+            return False
+        prefix = self.naming.prefix
+        return not (name.startswith(prefix) and name[len(prefix):].split(".")[0] in self._text_parts)
 
     def to_official(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Rename a stream of this naming's tensors to official names (unstacking stacked experts)."""
@@ -211,7 +239,8 @@ class HFNameTranslator:
             parts[(values["expert"], part)] = tensor
             if len(parts) == num_experts * len(spec.official):
                 del pending[(spec.name, values["layer"])]
-                yield Template(self.naming.layer_prefix + spec.name).format(values), _stack(spec, parts, num_experts)
+                stacked_name = self.naming.prefix + self.naming.layer_prefix + spec.name
+                yield Template(stacked_name).format(values), _stack(spec, parts, num_experts)
         if pending:
             (stacked, layer), parts = next(iter(pending.items()))
             raise ValueError(
@@ -235,13 +264,15 @@ TRANSLATORS = {name: HFNameTranslator(naming) for name, naming in NAMINGS.items(
 
 
 def detect_naming(names: Iterable[str]) -> str:
-    """Which of the three namings a checkpoint's tensor names follow; an unknown name raises, naming it."""
+    """Which naming a checkpoint's tensor names follow; an unknown name raises, naming it."""
     names = list(names)
     if not names:
         raise ValueError("no tensors: cannot tell which DeepSeek-V4 naming the checkpoint uses")
     unknown_counts = {}
     for naming, translator in TRANSLATORS.items():
-        unknown = [n for n in names if not translator.knows(n)]
+        known = {n for n in names if translator.knows(n)}
+        # a naming that carries other parts needs some text tensors to be the checkpoint's naming
+        unknown = [n for n in names if n not in known and not translator.carries(n)] if known else names
         if not unknown:
             return naming
         unknown_counts[naming] = unknown

@@ -8,6 +8,9 @@ headers alone. Both sources answer `read_share(official, part)`: one rank's shar
 one official tensor, reading from disk only the rows it needs, also out of
 transformers' stacked-expert tensors [E, parts * rows, cols]. FP8/FP4 tensors are
 read whole and dequantised first, since their scales cover blocks a share may cut.
+Tensors of parts of a release that are not the text model (a draft head's `mtp.*` when
+the config declares one, a vision variant's encoder and aligner) are listed apart in
+`HFSource.carried`, to be kept byte for byte.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from bridge.safetensors_io import SafetensorsCheckpoint
 
 
 MTP_PREFIX = "mtp."
+DRAFT_HEAD_PREFIXES = (MTP_PREFIX, "model." + MTP_PREFIX)
+"""Where a draft head's tensors lie: the MTP namespace, in the official naming or under `model.`."""
 
 
 def carried_mtp_layers(config: DeepSeekV4HFConfig, official_names) -> int:
@@ -84,13 +89,19 @@ class HFSource:
         if not headers:
             raise CheckpointError(f"{self.path}: the checkpoint holds no tensors")
         scales = scale_companions(headers)
-        weights = [n for n in headers if n not in scales]
+        draft_head = self.config.has_draft_head
+        weights = [n for n in headers
+                   if n not in scales and not (draft_head and n.startswith(DRAFT_HEAD_PREFIXES))]
         try:
             self.naming = detect_naming(weights)
         except (KeyError, ValueError) as e:
             raise CheckpointError(str(e.args[0] if e.args else e)) from None
-        self.tensors: dict[str, StoredTensor] = {}
         translator = TRANSLATORS[self.naming]
+        weights = [n for n in weights if not translator.carries(n)]
+        carried_out = set(weights) | {scale_name(n) for n in weights}
+        # the tensors of other parts of the release (a draft head, a vision encoder), carried byte for byte
+        self.carried = [n for n in headers if n not in carried_out]
+        self.tensors: dict[str, StoredTensor] = {}
         for name in weights:
             dtype, shape = headers[name]
             scale = scale_name(name) if scale_name(name) in scales else None

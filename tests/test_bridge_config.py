@@ -1,5 +1,6 @@
 """Config auto-detection of the bridge: official and transformers flavours, and writing back."""
 
+import dataclasses
 import json
 
 import pytest
@@ -89,7 +90,7 @@ def flash_official_config() -> dict:
 def _architecture(cfg):
     """The fields that describe the model (not where the config came from)."""
     d = dict(vars(cfg))
-    for key in ("flavour", "extra", "dtype", "quantization_config", "expert_dtype"):
+    for key in ("flavour", "extra", "dtype", "quantization_config", "expert_dtype", "mtp_compress_ratios"):
         d.pop(key)
     return d
 
@@ -113,7 +114,7 @@ def test_transformers_flavour_from_save_pretrained_matches_the_official_one(tmp_
     # transformers' own DeepseekV4Config folds the official keys into its flavour; reading
     # what it saves must give the same architecture as reading the official file.
     official = flash_official_config()
-    DeepseekV4Config(**official).save_pretrained(tmp_path)
+    DeepseekV4Config(**flash_official_config()).save_pretrained(tmp_path)  # it edits the dicts it is given
     saved = json.loads((tmp_path / "config.json").read_text())
     assert "layer_types" in saved and "compress_ratios" not in saved
     cfg = read_hf_config(tmp_path)
@@ -140,8 +141,13 @@ def test_transformers_flavour_without_yarn_and_with_other_hash_layers():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"dspark_markov_rank": 256}, "'dspark_markov_rank'"),
-        ({"n_group": 8}, "'n_group'"),
+        ({"sliding_window_pattern": 4}, "unsupported key 'sliding_window_pattern'"),
+        ({"n_group": 8}, "n_group=8"),
+        ({"first_k_dense_replace": 3}, "first_k_dense_replace=3"),
+        ({"kv_lora_rank": 512}, "kv_lora_rank=512"),
+        ({"rope_scaling": {**flash_official_config()["rope_scaling"], "mscale": 1.0}}, "'mscale' in rope_scaling"),
+        ({"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}}, "fmt='e5m2'"),
+        ({"quantization_config": {"quant_method": "fp8", "group_size": 32}}, "'group_size' in quantization_config"),
         ({"scoring_func": "softmax"}, "scoring_func='softmax'"),
         ({"num_key_value_heads": 8}, "num_key_value_heads=8"),
         ({"compress_ratios": FLASH_RATIOS[:40]}, "compress_ratios has 40 entries"),
@@ -206,3 +212,30 @@ def test_transformers_flavour_is_written_back_as_official():
     assert written["compress_ratios"] == FLASH_RATIOS
     assert written["rope_scaling"] == flash_official_config()["rope_scaling"]
     assert written["num_hash_layers"] == 3 and written["qk_rope_head_dim"] == 64
+
+
+def test_metadata_and_neutral_legacy_keys_are_accepted_and_written_back_in_order():
+    harmless = {"auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV4Config"}, "_name_or_path": "x",
+                "return_dict": True, "output_hidden_states": False, "first_k_dense_replace": 0, "n_group": 1,
+                "topk_group": 1, "kv_lora_rank": None}
+    cfg = read_hf_config({**flash_official_config(), **harmless})
+    assert cfg == dataclasses.replace(read_hf_config(flash_official_config()), extra={**cfg.extra})
+    assert list(cfg.extra) == ["architectures", "transformers_version", "use_cache", *harmless]
+    assert {k: official_config_dict(cfg)[k] for k in harmless} == harmless
+
+
+def test_draft_head_keys_and_mtp_ratios_are_carried_unread():
+    draft = {"dspark_block_size": 16, "dspark_markov_rank": 256, "num_nextn_predict_layers": 3,
+             "compress_ratios": FLASH_RATIOS[:43] + [0, 4, 128]}
+    cfg = read_hf_config({**flash_official_config(), **draft})
+    assert cfg.has_draft_head and not read_hf_config(flash_official_config()).has_draft_head
+    assert cfg.compress_ratios == tuple(FLASH_RATIOS[:43]) and cfg.mtp_compress_ratios == (0, 4, 128)
+    written = official_config_dict(cfg)
+    assert {k: written[k] for k in draft} == draft
+
+
+def test_unknown_transformers_rope_parameter_is_refused():
+    saved = DeepseekV4Config(**flash_official_config()).to_diff_dict()
+    rope = {**saved["rope_parameters"], "main": {**saved["rope_parameters"]["main"], "low_freq_factor": 1}}
+    with pytest.raises(UnsupportedConfigError, match="'low_freq_factor' in rope_parameters\\['main'\\]"):
+        read_hf_config({**saved, "rope_parameters": rope})
