@@ -29,6 +29,8 @@ from megatron_v4.runtime.command_line import (
 )
 from megatron_v4.runtime.quiet import verbose
 
+from bridge.output_dir import unsafe_target
+
 IMPORT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 EXIT_MISMATCH = 3
 
@@ -104,6 +106,11 @@ def check_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag, None)
         if path is not None and not os.path.isdir(path):
             raise UsageError(f"--{flag} {path or repr(path)}: no such directory")
+    out = getattr(args, "out", None)
+    if out is not None:
+        reason = unsafe_target(out, [p for p in (getattr(args, "hf", None), getattr(args, "mcore", None)) if p])
+        if reason:
+            raise UsageError(reason)
     if getattr(args, "max_shard_gb", 1.0) <= 0:
         raise UsageError(f"--max-shard-gb {args.max_shard_gb} must be > 0")
 

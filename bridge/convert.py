@@ -218,7 +218,7 @@ def import_checkpoint(
         order = sorted(tensors, key=lambda name: _reading_position(source, tensors[name][0]))
         total = sum(source.stored_bytes(o) for tensor, _ in tensors.values() for o in tensor.official)
         bar = Progress("import", len(source.names()), total, enabled=progress)
-        with atomic_output_dir(out_dir, force) as tmp:
+        with atomic_output_dir(out_dir, force, inputs=(hf_dir,)) as tmp:
             record_dir = os.path.join(tmp, RECORD_DIR)
             os.makedirs(record_dir)
             scales = _ScaleShards(os.path.join(record_dir, SCALES_DIR))
@@ -367,7 +367,7 @@ def export_checkpoint(
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r}: use one of {EXPORT_DTYPES}")
-    mcore_dir = resolve_checkpoint(mcore_dir, iteration)
+    given, mcore_dir = mcore_dir, resolve_checkpoint(mcore_dir, iteration)
     record = SourceRecord.load(mcore_dir)
     config = read_hf_config(os.path.join(mcore_dir, RECORD_DIR))
     scales_dir = os.path.join(mcore_dir, RECORD_DIR, SCALES_DIR)
@@ -385,7 +385,7 @@ def export_checkpoint(
         reader = CheckpointReader(mcore_dir, sharded)
         total = sum(math.prod(s.data.shape) * reader.stored_dtype(n).itemsize for n, s in sharding.items())
         bar = Progress("export", len(sharding), total, enabled=progress)
-        with atomic_output_dir(out_dir, force) as tmp:
+        with atomic_output_dir(out_dir, force, inputs=(given,)) as tmp:
             writer = SafetensorsWriter(tmp, max_shard_bytes, planned=announced)
             for name, tensor in reader.read(sharding, max_group_bytes=READ_GROUP_BYTES):
                 bar.update(tensor.nbytes)
