@@ -44,6 +44,7 @@ from bridge.hf_source import CheckpointError, HFSource, carried_mtp_layers
 from bridge.mcore_checkpoint import (
     CheckpointReader,
     build_meta_model,
+    read_metadata,
     parameter_sharding,
     with_dtypes,
     write_checkpoint,
@@ -474,6 +475,7 @@ def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch
         post_process=parallel_state.is_pipeline_last_stage(),
         max_sequence_length=config.max_position_embeddings,
     ).eval()
+    read_metadata(mcore_dir)  # refuses a crafted one before Megatron-Core unpickles it
     load_model_weights(model, mcore_dir)
     return model
 
