@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     for sub in (imp, exp):
         sub.add_argument("--quiet", action="store_true", help="no progress line")
+        sub.add_argument("--allow-nonfinite", action="store_true",
+                         help="convert weights holding NaN or Inf (refused by default, naming the tensor)")
     return parser
 
 
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "import":
         dtype = getattr(torch, IMPORT_DTYPES[args.dtype])
         report = convert.import_checkpoint(args.hf, args.out, dtype, args.force,
-                                           progress=not args.quiet)
+                                           progress=not args.quiet, allow_nonfinite=args.allow_nonfinite)
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(report.quantised.items()))
         print(f"imported {report.tensors} tensors ({kinds}; {report.naming} naming), "
               f"{report.source_bytes / 1e9:.3f} GB in {report.seconds:.1f} s -> {args.out}")
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "export":
         report = convert.export_checkpoint(args.mcore, args.out, args.dtype, args.force,
                                            max_shard_bytes=int(args.max_shard_gb * 1e9), progress=not args.quiet,
-                                           iteration=args.iteration)
+                                           iteration=args.iteration, allow_nonfinite=args.allow_nonfinite)
         print(f"exported {report.tensors} tensors ({report.quantised_tensors} re-quantised, "
               f"{report.fresh_scale_blocks} blocks with a fresh scale), {report.written_bytes / 1e9:.3f} GB "
               f"in {len(report.files)} file(s), {report.seconds:.1f} s -> {args.out}")

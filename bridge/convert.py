@@ -41,6 +41,7 @@ from bridge.hf_config import (
 )
 from bridge.hf_naming import TRANSFORMERS_MODULE, TRANSLATORS
 from bridge.hf_source import CheckpointError, HFSource, carried_mtp_layers
+from bridge.integrity import Checksums, refuse_nonfinite, tensor_digest, write_checksums
 from bridge.mcore_checkpoint import (
     CheckpointReader,
     build_meta_model,
@@ -143,6 +144,7 @@ def write_record(directory: str | os.PathLike, config: DeepSeekV4HFConfig, recor
     scales = os.path.join(os.fspath(scales_from), RECORD_DIR, SCALES_DIR) if scales_from else None
     if scales and os.path.isdir(scales):
         shutil.copytree(scales, os.path.join(record_dir, SCALES_DIR), dirs_exist_ok=True)
+    write_checksums(record_dir)
 
 
 class _ScaleShards:
@@ -206,8 +208,12 @@ def import_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     force: bool = False,
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> ImportReport:
-    """Hugging Face checkpoint (any naming, config flavour, FP8/FP4 or not) -> Megatron-Core `torch_dist`."""
+    """Hugging Face checkpoint (any naming, config flavour, FP8/FP4 or not) -> Megatron-Core `torch_dist`.
+
+    A NaN or Inf weight is refused, naming the tensor, unless `allow_nonfinite`.
+    """
     source = HFSource(hf_dir)
     mtp_num_layers = carried_mtp_layers(source.config, source.names())
     with _single_rank():
@@ -230,6 +236,9 @@ def import_checkpoint(
                 def read(official: str, _) -> torch.Tensor:
                     wanted = stored_dtype if stored_dtype.is_floating_point else torch.float32
                     values, scale = source.read(official, wanted)
+                    if not allow_nonfinite:
+                        refuse_nonfinite(official, values, source.path)
+                    _check_expert_ids(official, values, source.config.num_routed_experts)
                     if scale is not None:
                         scales.write(scale_name(official), scale)
                     bar.update(source.stored_bytes(official))
@@ -238,8 +247,13 @@ def import_checkpoint(
                 return tensor.assemble(read, dtype=stored_dtype).reshape(sharding[name].data.shape)
 
             written = Progress("written", len(tensors), 0, enabled=False)
-            write_checkpoint(tmp, sharded, materialise, order=order,
-                             on_written=lambda name, tensor: written.update(tensor.nbytes))
+            digests = {}
+
+            def on_written(name: str, tensor: torch.Tensor) -> None:
+                written.update(tensor.nbytes)
+                digests[name] = tensor_digest(tensor)
+
+            write_checkpoint(tmp, sharded, materialise, order=order, on_written=on_written)
             scales.close()
             write_official_config(source.config, record_dir)
             record = SourceRecord(
@@ -251,6 +265,7 @@ def import_checkpoint(
                 tensors=plan.formats,
             )
             record.save(record_dir)
+            write_checksums(record_dir, digests)
         bar.close()
     quantised: dict[str, int] = {}
     for name in source.names():
@@ -311,6 +326,13 @@ def _cast(name: str, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return values.to(dtype)
 
 
+def _check_expert_ids(official: str, values: torch.Tensor, experts: int) -> None:
+    """A hash-routing table (`tid2eid`: token id -> expert ids) must name existing experts."""
+    if official.endswith("tid2eid") and values.numel() and not (0 <= values.min() <= values.max() < experts):
+        raise CheckpointError(f"tensor {official!r} holds expert ids from {int(values.min())} to {int(values.max())}; "
+                              f"config.json has n_routed_experts {experts}, so ids must lie in 0..{experts - 1}")
+
+
 def _reading_position(source: HFSource, tensor: TensorPlan) -> tuple:
     """Sort key reading the source files in order (one file after the other)."""
     return (source.file_of(tensor.official[0]), tensor.official[0])
@@ -359,16 +381,20 @@ def export_checkpoint(
     max_shard_bytes: int = 1 << 30,
     progress: bool = True,
     iteration: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> ExportReport:
     """Megatron-Core checkpoint -> official safetensors. `mcore_dir` is an import (maybe trained since),
     a training save directory (its latest iteration, or `iteration`) or one of its `iter_*` directories.
 
     `dtype="source"` re-quantises each tensor to the format it had in the source checkpoint;
     `"bf16"` writes the FP8/FP4 and bf16 tensors as bf16 (fp32 and integer ones keep their dtype).
+    Every tensor and record file is checked against the import's checksums; a NaN or Inf weight is
+    refused unless `allow_nonfinite`.
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r}: use one of {EXPORT_DTYPES}")
     given, mcore_dir = mcore_dir, resolve_checkpoint(mcore_dir, iteration)
+    checksums = Checksums(mcore_dir)
     record = SourceRecord.load(mcore_dir)
     config = read_hf_config(os.path.join(mcore_dir, RECORD_DIR))
     scales_dir = os.path.join(mcore_dir, RECORD_DIR, SCALES_DIR)
@@ -390,6 +416,9 @@ def export_checkpoint(
             writer = SafetensorsWriter(tmp, max_shard_bytes, planned=announced)
             for name, tensor in reader.read(sharding, max_group_bytes=READ_GROUP_BYTES):
                 bar.update(tensor.nbytes)
+                checksums.check_tensor(name, tensor)
+                if not allow_nonfinite:
+                    refuse_nonfinite(name, tensor, mcore_dir)
                 for official, piece in plan.tensor(name).split(tensor):
                     for written_name, written in _exported(official, piece, forms[official], originals, report):
                         writer.write(written_name, written)
@@ -483,6 +512,7 @@ def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch
 def verify(hf_dir, mcore_dir, sequences: int = 3, seq_len: int = 48, seed: int = 0,
            iteration: int | None = None) -> VerifyReport:
     """Logits of transformers on the Hugging Face checkpoint and of Megatron-Core on the imported one."""
+    Checksums(resolve_checkpoint(mcore_dir, iteration))
     reference = hf_reference_model(hf_dir)
     vocab = reference.config.vocab_size
     input_ids = torch.randint(0, vocab, (sequences, seq_len), generator=torch.Generator().manual_seed(seed))
