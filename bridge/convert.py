@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 
@@ -215,6 +216,7 @@ def import_checkpoint(
     A NaN or Inf weight is refused, naming the tensor, unless `allow_nonfinite`.
     """
     source = HFSource(hf_dir)
+    _check_config_against_headers(source)
     mtp_num_layers = carried_mtp_layers(source.config, source.names())
     with _single_rank():
         sharded, sharding, expert_form = _meta_model(source.config, dtype, mtp_num_layers)
@@ -274,6 +276,30 @@ def import_checkpoint(
     return ImportReport(len(source.names()), total, written.bytes, bar.seconds, source.naming, quantised)
 
 
+def _check_config_against_headers(source: HFSource) -> None:
+    """config.json's layer and expert counts and embedding size against the tensors, before any model is
+    built (a wrong count would otherwise build a model of that size first)."""
+    config, names = source.config, source.names()
+    counted = {
+        "num_hidden_layers": (config.num_layers, r"^layers\.(\d+)\."),
+        "n_routed_experts": (config.num_routed_experts, r"^layers\.\d+\.ffn\.experts\.(\d+)\."),
+    }
+    for key, (value, pattern) in counted.items():
+        numbered = {name: int(m.group(1)) for name, m in zip(names, map(re.compile(pattern).match, names)) if m}
+        beyond = [name for name, i in numbered.items() if i >= value]
+        if beyond:
+            raise CheckpointError(f"tensor {beyond[0]!r} is beyond config.json's {key} {value}; "
+                                  "the config does not match the tensors")
+        if 1 + max(numbered.values(), default=-1) != value:
+            raise CheckpointError(f"config.json has {key} {value} but the tensors hold "
+                                  f"{1 + max(numbered.values(), default=-1)}; the config does not match the tensors")
+    embed = source.tensors.get("embed.weight")
+    if embed is not None and tuple(embed.shape) != (config.vocab_size, config.hidden_size):
+        raise CheckpointError(f"tensor 'embed.weight' has shape {tuple(embed.shape)} but config.json's vocab_size, "
+                              f"hidden_size are ({config.vocab_size}, {config.hidden_size}); the config does not "
+                              "match the tensors")
+
+
 def _import_plan(source: HFSource, sharding: dict, plan: ConversionPlan) -> dict[str, tuple[TensorPlan, torch.dtype]]:
     """Model parameter -> (its conversion plan, the dtype to store it in); checks names and shapes."""
     tensors = {}
@@ -288,8 +314,9 @@ def _import_plan(source: HFSource, sharding: dict, plan: ConversionPlan) -> dict
             )
         expected = tensor.official_shape(sharded.data.shape)
         for o in tensor.official:
+            _check_plain_dtype(o, source.tensors[o].format)
             got = source.tensors[o].shape
-            if math.prod(got) != math.prod(expected) or (len(got) == len(expected) and tuple(got) != expected):
+            if tuple(got) != tuple(expected):
                 raise CheckpointError(
                     f"tensor {o!r} has shape {tuple(got)} but config.json implies {expected}; "
                     "the config does not match the tensors"
@@ -302,6 +329,17 @@ def _import_plan(source: HFSource, sharding: dict, plan: ConversionPlan) -> dict
             f"({len(extra)} such tensors); the config does not match the tensors"
         )
     return tensors
+
+
+PLAIN_DTYPES = {"bfloat16", "float32", "int64"}
+"""The unquantised dtypes the releases store (int64 for `tid2eid` alone); others would be cast silently."""
+
+
+def _check_plain_dtype(official: str, fmt: SourceFormat) -> None:
+    if fmt.quant is None and fmt.dtype not in PLAIN_DTYPES:
+        wanted = release_plain_format(official, fmt.torch_dtype).dtype if fmt.torch_dtype.is_floating_point else "int64"
+        raise CheckpointError(f"tensor {official!r} is {fmt.dtype}; the release format stores it as {wanted}: "
+                              "convert it to that dtype first")
 
 
 def _stored_dtype(tensor: TensorPlan, model_dtype: torch.dtype) -> torch.dtype:
