@@ -29,7 +29,7 @@ import shutil
 from dataclasses import dataclass, field
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 
 from bridge.checkpoint_dirs import RECORD_DIR, RECORD_FILE, SCALES_DIR, resolve_checkpoint
 from bridge.conversion_plan import ConversionPlan, TensorPlan
@@ -46,7 +46,6 @@ from bridge.integrity import Checksums, refuse_nonfinite, tensor_digest, write_c
 from bridge.mcore_checkpoint import (
     CheckpointReader,
     build_meta_model,
-    read_metadata,
     parameter_sharding,
     with_dtypes,
     write_checkpoint,
@@ -296,7 +295,7 @@ def _check_config_against_headers(source: HFSource) -> None:
     embed = source.tensors.get("embed.weight")
     if embed is not None and tuple(embed.shape) != (config.vocab_size, config.hidden_size):
         raise CheckpointError(f"tensor 'embed.weight' has shape {tuple(embed.shape)} but config.json's vocab_size, "
-                              f"hidden_size are ({config.vocab_size}, {config.hidden_size}); the config does not "
+                              f"hidden_size are ({config.vocab_size!r}, {config.hidden_size!r}); the config does not "
                               "match the tensors")
 
 
@@ -521,9 +520,15 @@ def _as_fp32(tensor: torch.Tensor) -> torch.Tensor:
 
 def load_model_weights(model: DeepSeekV4Model, checkpoint_dir: str | os.PathLike) -> None:
     """The model weights of a `torch_dist` checkpoint (an import or a training checkpoint, whose optimizer,
-    scheduler and RNG states are left on disk), at the model's parallel layout."""
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, os.fspath(checkpoint_dir))
-    model.load_state_dict(loaded["model"])
+    scheduler and RNG states are left on disk), at the model's parallel layout.
+
+    Only tensors are read (`CheckpointReader`): the pickled `_extra_state` objects, which
+    `dist_checkpointing.load` would unpickle with `weights_only=False`, stay unread.
+    """
+    sharded = model.sharded_state_dict()
+    reader = CheckpointReader(os.fspath(checkpoint_dir), sharded)
+    model.load_state_dict(dict(reader.read(parameter_sharding(sharded), max_group_bytes=READ_GROUP_BYTES)),
+                          strict=False)
 
 
 def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -542,7 +547,6 @@ def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch
         post_process=parallel_state.is_pipeline_last_stage(),
         max_sequence_length=config.max_position_embeddings,
     ).eval()
-    read_metadata(mcore_dir)  # refuses a crafted one before Megatron-Core unpickles it
     load_model_weights(model, mcore_dir)
     return model
 

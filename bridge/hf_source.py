@@ -12,6 +12,7 @@ read whole and dequantised first, since their scales cover blocks a share may cu
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -75,6 +76,8 @@ class HFSource:
             self.config = config or read_hf_config(self.path)
         except FileNotFoundError as e:
             raise CheckpointError(f"{self.path}: no config.json ({e})") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{self.path}/config.json: not valid JSON ({e.msg} at line {e.lineno})") from None
         self.fp8_block = tuple((self.config.quantization_config or {}).get("weight_block_size", DEFAULT_FP8_BLOCK))
         try:
             self.checkpoint = SafetensorsCheckpoint(self.path)

@@ -350,7 +350,11 @@ class CheckpointReader:
                 for item in create_read_items_for_chunk_list(sharded.key, stored, [chunk]):
                     items.append(dataclasses.replace(item, dest_index=MetadataIndex(sharded.key, chunk.offsets, slot)))
                 pieces[name].append((sharded, slot))
-        self.reader.read_data(LoadPlan(items), _IntoTensors(destinations)).wait()
+        try:
+            self.reader.read_data(LoadPlan(items), _IntoTensors(destinations)).wait()
+        except Exception as e:  # torch.load of a damaged file raises anything from EOFError to RuntimeError
+            raise ValueError(f"{self.reader.path}: cannot read {names[0]!r} ({type(e).__name__}: {e}); a .distcp "
+                             "file of the checkpoint is damaged") from None
         for name in names:
             sharding = self.sharding[name]
             loaded = {id(sh): destinations[slot].view(tuple(sh.local_shape)) for sh, slot in pieces[name]}
