@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator
@@ -158,8 +159,21 @@ class _StreamingWriter(FileSystemWriter):
 
     def write_data(self, plan, planner) -> torch.futures.Future:
         file_name = f"{plan.storage_data.prefix}0.distcp"
+        try:
+            results = self._write_file(os.path.join(self.path, file_name), file_name, plan, planner)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise OSError(e.errno, f"{e.strerror} while writing {os.path.join(self.path, file_name)}; free some "
+                          "space or choose another --out") from e  # a full disk names no file by itself
+        future = torch.futures.Future()
+        future.set_result(results)
+        return future
+
+    @staticmethod
+    def _write_file(path: str, file_name: str, plan, planner) -> list[WriteResult]:
         results = []
-        with open(os.path.join(self.path, file_name), "wb") as stream:
+        with open(path, "wb") as stream:
             items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)
             for item in items:
                 data = planner.resolve_data(item)
@@ -174,9 +188,7 @@ class _StreamingWriter(FileSystemWriter):
                                            storage_data=_StorageInfo(file_name, offset, length)))
             stream.flush()
             os.fsync(stream.fileno())
-        future = torch.futures.Future()
-        future.set_result(results)
-        return future
+        return results
 
 
 def write_checkpoint(
