@@ -1,7 +1,7 @@
 """`python -m bridge import|export|verify`: convert DeepSeek-V4 checkpoints between Hugging Face and Megatron-Core.
 
-    python -m bridge import --hf DIR --out DIR [--dtype bf16|fp32] [--force]
-    python -m bridge export --mcore DIR --out DIR [--dtype source|bf16] [--iteration N] [--force]
+    python -m bridge import --hf DIR --out DIR [--dtype bf16|fp32] [--force] [--allow-nonfinite]
+    python -m bridge export --mcore DIR --out DIR [--dtype source|bf16] [--iteration N] [--force] [--allow-nonfinite]
     python -m bridge verify --hf DIR --mcore DIR [--iteration N] [--sequences 3 --seq-len 48]
 
 `--mcore` is an import output, or a `pretrain.py --save` directory (its latest iteration, or
@@ -10,7 +10,8 @@
 Every failure is one line on stderr naming the file, tensor or key: exit code 2 for a usage
 mistake, 1 for a failed conversion, 130 for Ctrl-C (`--verbose` or BRIDGE_DEBUG=1 shows the
 traceback); a failed conversion leaves no output directory. `verify` exits with 3 when the
-logits disagree. Arguments are checked before PyTorch and Megatron-Core are imported.
+logits disagree. Arguments are checked before PyTorch and Megatron-Core are imported, `--out` among
+them: an empty one, the current, home or root directory, or one overlapping an input is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import os
 import sys
 
+from bridge.output_dir import unsafe_target
 from megatron_v4.runtime.command_line import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -28,8 +30,6 @@ from megatron_v4.runtime.command_line import (
     one_line,
 )
 from megatron_v4.runtime.quiet import verbose
-
-from bridge.output_dir import unsafe_target
 
 IMPORT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 EXIT_MISMATCH = 3
