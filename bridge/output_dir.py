@@ -14,7 +14,8 @@ that is, holds or lies inside an input. `atomic_output_dir` then
   the old one, now under the temporary name, is then deleted.
 
 A killed conversion leaves at most its temporary directory (named after its process id)
-and the lock file; the next conversion to the same target deletes both. A failed one
+and the lock file; the next conversion to the same target deletes both (and puts back a
+target that an earlier version's two-rename swap left in `.<target>.old-*/previous`). A failed one
 deletes its temporary directory. See https://man7.org/linux/man-pages/man2/rename.2.html.
 """
 
@@ -67,6 +68,7 @@ def atomic_output_dir(target: str | os.PathLike, force: bool = False, inputs: tu
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     with _locked(os.path.join(parent, f".{os.path.basename(target)}.lock"), target):
+        _recover_two_rename_swap(parent, target)
         if os.path.lexists(target) and not force:
             raise _exists(target)
         prefix = f".{os.path.basename(target)}.partial-"
@@ -119,6 +121,18 @@ def _renameat2(source: str, destination: str, flags: int) -> None:
     if libc.renameat2(AT_FDCWD, os.fsencode(source), AT_FDCWD, os.fsencode(destination), flags) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"cannot move the finished output into place ({os.strerror(code)})", destination)
+
+
+def _recover_two_rename_swap(parent: str, target: str) -> None:
+    """Earlier versions replaced a target in two renames, through `.<target>.old-*/previous`; a kill between
+    them left the old checkpoint there and no target. Put it back, or delete it if the target is whole."""
+    prefix = f".{os.path.basename(target)}.old-"
+    for name in sorted(os.listdir(parent)):
+        previous = os.path.join(parent, name, "previous")
+        if name.startswith(prefix):
+            if not os.path.lexists(target) and os.path.lexists(previous):
+                os.rename(previous, target)
+            shutil.rmtree(os.path.join(parent, name))
 
 
 def _remove_abandoned(parent: str, prefix: str) -> None:

@@ -262,3 +262,13 @@ def test_force_swaps_the_old_target_out_and_leaves_nothing_beside_it(tmp_path):
         open(os.path.join(tmp, "new"), "w").close()
     assert os.listdir(tmp_path / "out") == ["new"]
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_an_interrupted_two_rename_swap_of_an_earlier_version_is_put_back(tmp_path):
+    (tmp_path / ".out.old-abc" / "previous").mkdir(parents=True)
+    (tmp_path / ".out.old-abc" / "previous" / "old").write_text("old")
+    with pytest.raises(OutputExistsError, match="--force"):
+        with atomic_output_dir(tmp_path / "out"):
+            pass
+    assert os.listdir(tmp_path / "out") == ["old"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
