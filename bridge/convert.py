@@ -518,23 +518,29 @@ def _as_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float32) if tensor.is_floating_point() else tensor
 
 
-def load_model_weights(model: DeepSeekV4Model, checkpoint_dir: str | os.PathLike) -> None:
+def load_model_weights(model: DeepSeekV4Model, checkpoint_dir: str | os.PathLike, check_tensor=None) -> None:
     """The model weights of a `torch_dist` checkpoint (an import or a training checkpoint, whose optimizer,
-    scheduler and RNG states are left on disk), at the model's parallel layout.
+    scheduler and RNG states are left on disk), at the model's parallel layout; `check_tensor(name, tensor)`
+    sees each tensor as stored.
 
     Only tensors are read (`CheckpointReader`): the pickled `_extra_state` objects, which
     `dist_checkpointing.load` would unpickle with `weights_only=False`, stay unread.
     """
     sharded = model.sharded_state_dict()
     reader = CheckpointReader(os.fspath(checkpoint_dir), sharded)
-    model.load_state_dict(dict(reader.read(parameter_sharding(sharded), max_group_bytes=READ_GROUP_BYTES)),
-                          strict=False)
+    tensors = {}
+    for name, tensor in reader.read(parameter_sharding(sharded), max_group_bytes=READ_GROUP_BYTES):
+        if check_tensor is not None:
+            check_tensor(name, tensor)
+        tensors[name] = tensor
+    model.load_state_dict(tensors, strict=False)
 
 
 def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        iteration: int | None = None, **config_overrides):
+                        iteration: int | None = None, check_tensor=None, **config_overrides):
     """`DeepSeekV4Model` (this rank's pipeline stage and shards), in eval mode, with the weights of an
-    import or a training checkpoint (see `export_checkpoint` for `mcore_dir` and `iteration`).
+    import or a training checkpoint (see `export_checkpoint` for `mcore_dir` and `iteration`;
+    `load_model_weights` for `check_tensor`).
 
     Extra keyword arguments go to the `DeepSeekV4TransformerConfig`.
     """
@@ -547,21 +553,21 @@ def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch
         post_process=parallel_state.is_pipeline_last_stage(),
         max_sequence_length=config.max_position_embeddings,
     ).eval()
-    load_model_weights(model, mcore_dir)
+    load_model_weights(model, mcore_dir, check_tensor)
     return model
 
 
 def verify(hf_dir, mcore_dir, sequences: int = 3, seq_len: int = 48, seed: int = 0,
            iteration: int | None = None) -> VerifyReport:
     """Logits of transformers on the Hugging Face checkpoint and of Megatron-Core on the imported one."""
-    Checksums(resolve_checkpoint(mcore_dir, iteration))
+    checksums = Checksums(resolve_checkpoint(mcore_dir, iteration))
     reference = hf_reference_model(hf_dir)
     vocab = reference.config.vocab_size
     input_ids = torch.randint(0, vocab, (sequences, seq_len), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = reference(input_ids=input_ids).logits.float()
     with _single_rank():
-        model = load_megatron_model(mcore_dir, iteration=iteration)
+        model = load_megatron_model(mcore_dir, iteration=iteration, check_tensor=checksums.check_tensor)
         with torch.no_grad():
             got = model(input_ids).float()
     cosine = torch.nn.functional.cosine_similarity(got.flatten(0, 1), expected.flatten(0, 1), dim=-1)

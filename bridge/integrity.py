@@ -3,8 +3,8 @@
 `import` writes `dsv4_bridge/checksums.json`: the SHA-256 of every stored tensor's bytes (as
 written, in its stored dtype) and of every file of the record (`config.json`, `source.json`, the
 original scales). A training save's record lists its record files only: its weights have changed.
-Export checks every file of the manifest (a deleted `scales/` folder is named) and every tensor
-it reads (a flipped bit in a `.distcp` file is named); verify checks the files.
+Export and verify check every file of the manifest (a deleted `scales/` folder is named) and
+every tensor they read (a flipped bit in a `.distcp` file is named).
 """
 
 from __future__ import annotations

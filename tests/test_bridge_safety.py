@@ -143,6 +143,7 @@ CASES = {
     "checksums-deleted": ("mcore", lambda m: os.remove(m / RECORD_DIR / CHECKSUMS_FILE), EXPORT, 1, CHECKSUMS_FILE),
     "record-edited": ("mcore", _edit_record("source.json"), EXPORT, 1, "source.json"),
     "distcp-bit-flipped": ("mcore", _flip_a_bit, EXPORT, 1, "checksum"),
+    "distcp-bit-flipped-verify": ("mcore", _flip_a_bit, VERIFY, 1, "checksum"),
     "distcp-garbage-export": ("mcore", lambda m: (m / "__0_0.distcp").write_bytes(b"\0" * 4096), EXPORT, 1,
                               ".distcp"),
     "distcp-garbage-verify": ("mcore", lambda m: (m / "__0_0.distcp").write_bytes(b"\0" * 4096), VERIFY, 1,
