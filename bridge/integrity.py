@@ -55,7 +55,8 @@ class Checksums:
         record_dir = os.path.join(mcore_dir, RECORD_DIR)
         path = os.path.join(record_dir, CHECKSUMS_FILE)
         if not os.path.isfile(path):
-            raise ValueError(f"{path}: missing, so the checkpoint cannot be checked; re-run `python -m bridge import`")
+            raise ValueError(f"{path}: missing, so the checkpoint cannot be checked; re-run `python -m bridge "
+                             "import` (or, for a training save, save it again)")
         try:
             with open(path) as f:
                 data = json.load(f)
