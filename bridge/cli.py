@@ -1,7 +1,7 @@
 """`python -m bridge import|export|verify`: convert DeepSeek-V4 checkpoints between Hugging Face and Megatron-Core.
 
-    python -m bridge import --hf DIR --out DIR [--dtype bf16|fp32] [--force]
-    python -m bridge export --mcore DIR --out DIR [--dtype source|bf16] [--iteration N] [--force]
+    python -m bridge import --hf DIR --out DIR [--dtype bf16|fp32] [--force] [--allow-nonfinite]
+    python -m bridge export --mcore DIR --out DIR [--dtype source|bf16] [--iteration N] [--force] [--allow-nonfinite]
     python -m bridge verify --hf DIR --mcore DIR [--iteration N] [--sequences 3 --seq-len 48]
 
 `--mcore` is an import output, or a `pretrain.py --save` directory (its latest iteration, or
@@ -10,7 +10,8 @@
 Every failure is one line on stderr naming the file, tensor or key: exit code 2 for a usage
 mistake, 1 for a failed conversion, 130 for Ctrl-C (`--verbose` or BRIDGE_DEBUG=1 shows the
 traceback); a failed conversion leaves no output directory. `verify` exits with 3 when the
-logits disagree. Arguments are checked before PyTorch and Megatron-Core are imported.
+logits disagree. Arguments are checked before PyTorch and Megatron-Core are imported, `--out` among
+them: an empty one, the current, home or root directory, or one overlapping an input is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import os
 import sys
 
+from bridge.output_dir import unsafe_target
 from megatron_v4.runtime.command_line import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -65,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
 
     for sub in (imp, exp):
         sub.add_argument("--quiet", action="store_true", help="no progress line")
+        sub.add_argument("--allow-nonfinite", action="store_true",
+                         help="convert weights holding NaN or Inf (refused by default, naming the tensor)")
     return parser
 
 
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "import":
         dtype = getattr(torch, IMPORT_DTYPES[args.dtype])
         report = convert.import_checkpoint(args.hf, args.out, dtype, args.force,
-                                           progress=not args.quiet)
+                                           progress=not args.quiet, allow_nonfinite=args.allow_nonfinite)
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(report.quantised.items()))
         print(f"imported {report.tensors} tensors ({kinds}; {report.naming} naming), "
               f"{report.source_bytes / 1e9:.3f} GB in {report.seconds:.1f} s -> {args.out}")
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "export":
         report = convert.export_checkpoint(args.mcore, args.out, args.dtype, args.force,
                                            max_shard_bytes=int(args.max_shard_gb * 1e9), progress=not args.quiet,
-                                           iteration=args.iteration)
+                                           iteration=args.iteration, allow_nonfinite=args.allow_nonfinite)
         print(f"exported {report.tensors} tensors ({report.quantised_tensors} re-quantised, "
               f"{report.fresh_scale_blocks} blocks with a fresh scale), {report.written_bytes / 1e9:.3f} GB "
               f"in {len(report.files)} file(s), {report.seconds:.1f} s -> {args.out}"
@@ -108,6 +112,11 @@ def check_args(args: argparse.Namespace) -> None:
         path = getattr(args, flag, None)
         if path is not None and not os.path.isdir(path):
             raise UsageError(f"--{flag} {path or repr(path)}: no such directory")
+    out = getattr(args, "out", None)
+    if out is not None:
+        reason = unsafe_target(out, [p for p in (getattr(args, "hf", None), getattr(args, "mcore", None)) if p])
+        if reason:
+            raise UsageError(reason)
     if getattr(args, "max_shard_gb", 1.0) <= 0:
         raise UsageError(f"--max-shard-gb {args.max_shard_gb} must be > 0")
 

@@ -26,11 +26,12 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 
 from bridge.checkpoint_dirs import CARRIED_DIR, RECORD_DIR, RECORD_FILE, SCALES_DIR, resolve_checkpoint
 from bridge.conversion_plan import ConversionPlan, TensorPlan
@@ -43,6 +44,7 @@ from bridge.hf_config import (
 )
 from bridge.hf_naming import NAMINGS, TRANSFORMERS_MODULE, TRANSLATORS
 from bridge.hf_source import CheckpointError, HFSource, carried_mtp_layers
+from bridge.integrity import Checksums, refuse_nonfinite, tensor_digest, write_checksums
 from bridge.mcore_checkpoint import (
     CheckpointReader,
     build_meta_model,
@@ -145,6 +147,7 @@ def write_record(directory: str | os.PathLike, config: DeepSeekV4HFConfig, recor
         kept_dir = os.path.join(os.fspath(scales_from), RECORD_DIR, kept) if scales_from else None
         if kept_dir and os.path.isdir(kept_dir):
             shutil.copytree(kept_dir, os.path.join(record_dir, kept), dirs_exist_ok=True)
+    write_checksums(record_dir)
 
 
 def _carry(source: HFSource, directory: str, max_shard_bytes: int = 256 << 20) -> None:
@@ -217,9 +220,14 @@ def import_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     force: bool = False,
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> ImportReport:
-    """Hugging Face checkpoint (any naming, config flavour, FP8/FP4 or not) -> Megatron-Core `torch_dist`."""
+    """Hugging Face checkpoint (any naming, config flavour, FP8/FP4 or not) -> Megatron-Core `torch_dist`.
+
+    A NaN or Inf weight is refused, naming the tensor, unless `allow_nonfinite`.
+    """
     source = HFSource(hf_dir)
+    _check_config_against_headers(source)
     mtp_num_layers = carried_mtp_layers(source.config, source.names())
     with _single_rank():
         sharded, sharding, expert_form = _meta_model(source.config, dtype, mtp_num_layers)
@@ -230,7 +238,7 @@ def import_checkpoint(
         order = sorted(tensors, key=lambda name: _reading_position(source, tensors[name][0]))
         total = sum(source.stored_bytes(o) for tensor, _ in tensors.values() for o in tensor.official)
         bar = Progress("import", len(source.names()), total, enabled=progress)
-        with atomic_output_dir(out_dir, force) as tmp:
+        with atomic_output_dir(out_dir, force, inputs=(hf_dir,)) as tmp:
             record_dir = os.path.join(tmp, RECORD_DIR)
             os.makedirs(record_dir)
             scales = _ScaleShards(os.path.join(record_dir, SCALES_DIR))
@@ -241,6 +249,9 @@ def import_checkpoint(
                 def read(official: str, _) -> torch.Tensor:
                     wanted = stored_dtype if stored_dtype.is_floating_point else torch.float32
                     values, scale = source.read(official, wanted)
+                    if not allow_nonfinite:
+                        refuse_nonfinite(official, values, source.path)
+                    _check_expert_ids(official, values, source.config.num_routed_experts)
                     if scale is not None:
                         scales.write(scale_name(official), scale)
                     bar.update(source.stored_bytes(official))
@@ -249,8 +260,13 @@ def import_checkpoint(
                 return tensor.assemble(read, dtype=stored_dtype).reshape(sharding[name].data.shape)
 
             written = Progress("written", len(tensors), 0, enabled=False)
-            write_checkpoint(tmp, sharded, materialise, order=order,
-                             on_written=lambda name, tensor: written.update(tensor.nbytes))
+            digests = {}
+
+            def on_written(name: str, tensor: torch.Tensor) -> None:
+                written.update(tensor.nbytes)
+                digests[name] = tensor_digest(tensor)
+
+            write_checkpoint(tmp, sharded, materialise, order=order, on_written=on_written)
             scales.close()
             _carry(source, os.path.join(record_dir, CARRIED_DIR))
             write_official_config(source.config, record_dir)
@@ -263,6 +279,7 @@ def import_checkpoint(
                 tensors=plan.formats,
             )
             record.save(record_dir)
+            write_checksums(record_dir, digests)
         bar.close()
     quantised: dict[str, int] = {}
     for name in source.names():
@@ -270,6 +287,30 @@ def import_checkpoint(
         quantised[kind] = quantised.get(kind, 0) + 1
     return ImportReport(len(source.names()), total, written.bytes, bar.seconds, source.naming, quantised,
                         len(source.carried))
+
+
+def _check_config_against_headers(source: HFSource) -> None:
+    """config.json's layer and expert counts and embedding size against the tensors, before any model is
+    built (a wrong count would otherwise build a model of that size first)."""
+    config, names = source.config, source.names()
+    counted = {
+        "num_hidden_layers": (config.num_layers, r"^layers\.(\d+)\."),
+        "n_routed_experts": (config.num_routed_experts, r"^layers\.\d+\.ffn\.experts\.(\d+)\."),
+    }
+    for key, (value, pattern) in counted.items():
+        numbered = {name: int(m.group(1)) for name, m in zip(names, map(re.compile(pattern).match, names)) if m}
+        beyond = [name for name, i in numbered.items() if i >= value]
+        if beyond:
+            raise CheckpointError(f"tensor {beyond[0]!r} is beyond config.json's {key} {value}; "
+                                  "the config does not match the tensors")
+        if 1 + max(numbered.values(), default=-1) != value:
+            raise CheckpointError(f"config.json has {key} {value} but the tensors hold "
+                                  f"{1 + max(numbered.values(), default=-1)}; the config does not match the tensors")
+    embed = source.tensors.get("embed.weight")
+    if embed is not None and tuple(embed.shape) != (config.vocab_size, config.hidden_size):
+        raise CheckpointError(f"tensor 'embed.weight' has shape {tuple(embed.shape)} but config.json's vocab_size, "
+                              f"hidden_size are ({config.vocab_size!r}, {config.hidden_size!r}); the config does not "
+                              "match the tensors")
 
 
 def _import_plan(source: HFSource, sharding: dict, plan: ConversionPlan) -> dict[str, tuple[TensorPlan, torch.dtype]]:
@@ -286,8 +327,9 @@ def _import_plan(source: HFSource, sharding: dict, plan: ConversionPlan) -> dict
             )
         expected = tensor.official_shape(sharded.data.shape)
         for o in tensor.official:
+            _check_plain_dtype(o, source.tensors[o].format)
             got = source.tensors[o].shape
-            if math.prod(got) != math.prod(expected) or (len(got) == len(expected) and tuple(got) != expected):
+            if tuple(got) != tuple(expected):
                 raise CheckpointError(
                     f"tensor {o!r} has shape {tuple(got)} but config.json implies {expected}; "
                     "the config does not match the tensors"
@@ -300,6 +342,17 @@ def _import_plan(source: HFSource, sharding: dict, plan: ConversionPlan) -> dict
             f"({len(extra)} such tensors); the config does not match the tensors"
         )
     return tensors
+
+
+PLAIN_DTYPES = {"bfloat16", "float32", "int64"}
+"""The unquantised dtypes the releases store (int64 for `tid2eid` alone); others would be cast silently."""
+
+
+def _check_plain_dtype(official: str, fmt: SourceFormat) -> None:
+    if fmt.quant is None and fmt.dtype not in PLAIN_DTYPES:
+        wanted = release_plain_format(official, fmt.torch_dtype).dtype if fmt.torch_dtype.is_floating_point else "int64"
+        raise CheckpointError(f"tensor {official!r} is {fmt.dtype}; the release format stores it as {wanted}: "
+                              "convert it to that dtype first")
 
 
 def _stored_dtype(tensor: TensorPlan, model_dtype: torch.dtype) -> torch.dtype:
@@ -322,6 +375,13 @@ def _cast(name: str, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             raise CheckpointError(f"tensor {name!r}: values do not fit {dtype_name(dtype)}")
         return cast
     return values.to(dtype)
+
+
+def _check_expert_ids(official: str, values: torch.Tensor, experts: int) -> None:
+    """A hash-routing table (`tid2eid`: token id -> expert ids) must name existing experts."""
+    if official.endswith("tid2eid") and values.numel() and not (0 <= values.min() <= values.max() < experts):
+        raise CheckpointError(f"tensor {official!r} holds expert ids from {int(values.min())} to {int(values.max())}; "
+                              f"config.json has n_routed_experts {experts}, so ids must lie in 0..{experts - 1}")
 
 
 def _reading_position(source: HFSource, tensor: TensorPlan) -> tuple:
@@ -373,16 +433,20 @@ def export_checkpoint(
     max_shard_bytes: int = 1 << 30,
     progress: bool = True,
     iteration: int | None = None,
+    allow_nonfinite: bool = False,
 ) -> ExportReport:
     """Megatron-Core checkpoint -> official safetensors. `mcore_dir` is an import (maybe trained since),
     a training save directory (its latest iteration, or `iteration`) or one of its `iter_*` directories.
 
     `dtype="source"` re-quantises each tensor to the format it had in the source checkpoint;
     `"bf16"` writes the FP8/FP4 and bf16 tensors as bf16 (fp32 and integer ones keep their dtype).
+    Every tensor and record file is checked against the import's checksums; a NaN or Inf weight is
+    refused unless `allow_nonfinite`.
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r}: use one of {EXPORT_DTYPES}")
-    mcore_dir = resolve_checkpoint(mcore_dir, iteration)
+    given, mcore_dir = mcore_dir, resolve_checkpoint(mcore_dir, iteration)
+    checksums = Checksums(mcore_dir)
     record = SourceRecord.load(mcore_dir)
     config = read_hf_config(os.path.join(mcore_dir, RECORD_DIR))
     originals = _record_tensors(mcore_dir, SCALES_DIR)
@@ -404,10 +468,13 @@ def export_checkpoint(
         reader = CheckpointReader(mcore_dir, sharded)
         total = sum(math.prod(s.data.shape) * reader.stored_dtype(n).itemsize for n, s in sharding.items())
         bar = Progress("export", len(sharding), total, enabled=progress)
-        with atomic_output_dir(out_dir, force) as tmp:
+        with atomic_output_dir(out_dir, force, inputs=(given,)) as tmp:
             writer = SafetensorsWriter(tmp, max_shard_bytes, planned=announced)
             for name, tensor in reader.read(sharding, max_group_bytes=READ_GROUP_BYTES):
                 bar.update(tensor.nbytes)
+                checksums.check_tensor(name, tensor)
+                if not allow_nonfinite:
+                    refuse_nonfinite(name, tensor, mcore_dir)
                 for official, piece in plan.tensor(name).split(tensor):
                     for written_name, written in _exported(official, piece, forms[official], originals, report):
                         writer.write(prefix + written_name, written)
@@ -479,17 +546,29 @@ def _as_fp32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float32) if tensor.is_floating_point() else tensor
 
 
-def load_model_weights(model: DeepSeekV4Model, checkpoint_dir: str | os.PathLike) -> None:
+def load_model_weights(model: DeepSeekV4Model, checkpoint_dir: str | os.PathLike, check_tensor=None) -> None:
     """The model weights of a `torch_dist` checkpoint (an import or a training checkpoint, whose optimizer,
-    scheduler and RNG states are left on disk), at the model's parallel layout."""
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, os.fspath(checkpoint_dir))
-    model.load_state_dict(loaded["model"])
+    scheduler and RNG states are left on disk), at the model's parallel layout; `check_tensor(name, tensor)`
+    sees each tensor as stored.
+
+    Only tensors are read (`CheckpointReader`): the pickled `_extra_state` objects, which
+    `dist_checkpointing.load` would unpickle with `weights_only=False`, stay unread.
+    """
+    sharded = model.sharded_state_dict()
+    reader = CheckpointReader(os.fspath(checkpoint_dir), sharded)
+    tensors = {}
+    for name, tensor in reader.read(parameter_sharding(sharded), max_group_bytes=READ_GROUP_BYTES):
+        if check_tensor is not None:
+            check_tensor(name, tensor)
+        tensors[name] = tensor
+    model.load_state_dict(tensors, strict=False)
 
 
 def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                        iteration: int | None = None, **config_overrides):
+                        iteration: int | None = None, check_tensor=None, **config_overrides):
     """`DeepSeekV4Model` (this rank's pipeline stage and shards), in eval mode, with the weights of an
-    import or a training checkpoint (see `export_checkpoint` for `mcore_dir` and `iteration`).
+    import or a training checkpoint (see `export_checkpoint` for `mcore_dir` and `iteration`;
+    `load_model_weights` for `check_tensor`).
 
     Extra keyword arguments go to the `DeepSeekV4TransformerConfig`.
     """
@@ -502,20 +581,21 @@ def load_megatron_model(mcore_dir: str | os.PathLike, dtype: torch.dtype = torch
         post_process=parallel_state.is_pipeline_last_stage(),
         max_sequence_length=config.max_position_embeddings,
     ).eval()
-    load_model_weights(model, mcore_dir)
+    load_model_weights(model, mcore_dir, check_tensor)
     return model
 
 
 def verify(hf_dir, mcore_dir, sequences: int = 3, seq_len: int = 48, seed: int = 0,
            iteration: int | None = None) -> VerifyReport:
     """Logits of transformers on the Hugging Face checkpoint and of Megatron-Core on the imported one."""
+    checksums = Checksums(resolve_checkpoint(mcore_dir, iteration))
     reference = hf_reference_model(hf_dir)
     vocab = reference.config.vocab_size
     input_ids = torch.randint(0, vocab, (sequences, seq_len), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = reference(input_ids=input_ids).logits.float()
     with _single_rank():
-        model = load_megatron_model(mcore_dir, iteration=iteration)
+        model = load_megatron_model(mcore_dir, iteration=iteration, check_tensor=checksums.check_tensor)
         with torch.no_grad():
             got = model(input_ids).float()
     cosine = torch.nn.functional.cosine_similarity(got.flatten(0, 1), expected.flatten(0, 1), dim=-1)

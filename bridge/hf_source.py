@@ -15,6 +15,7 @@ the config declares one, a vision variant's encoder and aligner) are listed apar
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -80,6 +81,8 @@ class HFSource:
             self.config = config or read_hf_config(self.path)
         except FileNotFoundError as e:
             raise CheckpointError(f"{self.path}: no config.json ({e})") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{self.path}/config.json: not valid JSON ({e.msg} at line {e.lineno})") from None
         self.fp8_block = tuple((self.config.quantization_config or {}).get("weight_block_size", DEFAULT_FP8_BLOCK))
         try:
             self.checkpoint = SafetensorsCheckpoint(self.path)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import os
+import pickle
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -34,7 +36,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.storage import WriteResult
@@ -157,8 +159,21 @@ class _StreamingWriter(FileSystemWriter):
 
     def write_data(self, plan, planner) -> torch.futures.Future:
         file_name = f"{plan.storage_data.prefix}0.distcp"
+        try:
+            results = self._write_file(os.path.join(self.path, file_name), file_name, plan, planner)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise OSError(e.errno, f"{e.strerror} while writing {os.path.join(self.path, file_name)}; free some "
+                          "space or choose another --out") from e  # a full disk names no file by itself
+        future = torch.futures.Future()
+        future.set_result(results)
+        return future
+
+    @staticmethod
+    def _write_file(path: str, file_name: str, plan, planner) -> list[WriteResult]:
         results = []
-        with open(os.path.join(self.path, file_name), "wb") as stream:
+        with open(path, "wb") as stream:
             items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)
             for item in items:
                 data = planner.resolve_data(item)
@@ -173,9 +188,7 @@ class _StreamingWriter(FileSystemWriter):
                                            storage_data=_StorageInfo(file_name, offset, length)))
             stream.flush()
             os.fsync(stream.fileno())
-        future = torch.futures.Future()
-        future.set_result(results)
-        return future
+        return results
 
 
 def write_checkpoint(
@@ -212,6 +225,58 @@ def write_checkpoint(
 
 
 # --- reading --------------------------------------------------------------------------------------------
+METADATA_FILE = ".metadata"
+"""DCP's pickled index of a checkpoint (torch/distributed/checkpoint/filesystem.py)."""
+METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"BytesStorageMetadata", "ChunkStorageMetadata", "Metadata",
+                                              "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}
+"""The only globals a `.metadata` pickle may name (and torch dtypes): plain data, nothing that runs code."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and refuses any other global, so that a crafted `.metadata` cannot run code
+    (https://docs.python.org/3/library/pickle.html#restricting-globals)."""
+
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if dtype or name in METADATA_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which checkpoint metadata never holds")
+
+
+def read_metadata(checkpoint_dir: str | os.PathLike) -> Metadata:
+    """A `torch_dist` checkpoint's DCP metadata, unpickled with `_MetadataUnpickler`."""
+    path = os.path.join(os.fspath(checkpoint_dir), METADATA_FILE)
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing; not a Megatron-Core torch_dist checkpoint") from None
+    except Exception as e:  # a damaged pickle raises anything from EOFError to TypeError
+        raise ValueError(f"{path}: refused, not a checkpoint's metadata ({e}); the checkpoint is damaged "
+                         "or was not written by PyTorch") from None
+    if not isinstance(metadata, Metadata):
+        raise ValueError(f"{path}: refused, holds a {type(metadata).__name__}, not checkpoint metadata")
+    return metadata
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader with `read_metadata` above instead of its plain `pickle.load`."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        metadata = read_metadata(self.path)
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 class _IntoTensors(LoadPlanner):
     """A DCP load planner that copies each read into a tensor chosen per read item (no state dict)."""
 
@@ -247,7 +312,7 @@ class CheckpointReader:
     """Reads full model tensors from a `torch_dist` checkpoint, whatever layout it was saved in."""
 
     def __init__(self, checkpoint_dir: str, sharded_state_dict: dict):
-        self.reader = FileSystemReader(checkpoint_dir)
+        self.reader = _SafeReader(checkpoint_dir)
         self.metadata = self.reader.read_metadata()
         self.reader.set_up_storage_reader(self.metadata, is_coordinator=True)
         self.sharding = parameter_sharding(sharded_state_dict)
@@ -297,7 +362,11 @@ class CheckpointReader:
                 for item in create_read_items_for_chunk_list(sharded.key, stored, [chunk]):
                     items.append(dataclasses.replace(item, dest_index=MetadataIndex(sharded.key, chunk.offsets, slot)))
                 pieces[name].append((sharded, slot))
-        self.reader.read_data(LoadPlan(items), _IntoTensors(destinations)).wait()
+        try:
+            self.reader.read_data(LoadPlan(items), _IntoTensors(destinations)).wait()
+        except Exception as e:  # torch.load of a damaged file raises anything from EOFError to RuntimeError
+            raise ValueError(f"{self.reader.path}: cannot read {names[0]!r} ({type(e).__name__}: {e}); a .distcp "
+                             "file of the checkpoint is damaged") from None
         for name in names:
             sharding = self.sharding[name]
             loaded = {id(sh): destinations[slot].view(tuple(sh.local_shape)) for sh, slot in pieces[name]}

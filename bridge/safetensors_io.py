@@ -78,6 +78,23 @@ def _parse_header(file: str) -> dict[str, TensorHeader]:
     return headers
 
 
+def _weight_map(index: str) -> dict[str, str]:
+    """Tensor name -> the file the index puts it in; every file must lie in the index's directory."""
+    directory = os.path.dirname(index)
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {str(name): os.path.join(directory, file) for name, file in weight_map.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SafetensorsError(f"{index}: not a readable index ({type(e).__name__}: {e}); it needs a "
+                               "\"weight_map\" of tensor name -> shard file name") from None
+    for name, file in files.items():
+        if os.path.dirname(os.path.normpath(file)) != os.path.normpath(directory):
+            raise SafetensorsError(f"{index}: tensor {name!r} points at {weight_map[name]!r}, outside the "
+                                   "checkpoint directory; shards must lie beside the index")
+    return files
+
+
 class SafetensorsCheckpoint:
     """The tensors of a safetensors checkpoint directory (or single file), by name, read on demand."""
 
@@ -87,9 +104,7 @@ class SafetensorsCheckpoint:
         if os.path.isdir(path):
             index, single = os.path.join(path, INDEX_FILE), os.path.join(path, SINGLE_FILE)
             if os.path.isfile(index):
-                with open(index) as f:
-                    weight_map = json.load(f)["weight_map"]
-                files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+                files = _weight_map(index)
             elif os.path.isfile(single):
                 files = None
                 self.headers = _parse_header(single)
@@ -115,6 +130,13 @@ class SafetensorsCheckpoint:
             if name not in parsed[file]:
                 raise KeyError(f"tensor {name!r}: the index lists it in {file}, which lacks it")
             headers[name] = parsed[file][name]
+        for file, tensors in parsed.items():
+            unindexed = [name for name in tensors if file_of.get(name) != file]
+            if unindexed:
+                raise SafetensorsError(
+                    f"tensor {unindexed[0]!r} is in {file} but the index lists it "
+                    f"{'in ' + file_of[unindexed[0]] if unindexed[0] in file_of else 'nowhere'}; "
+                    f"fix {INDEX_FILE} or remove the stray tensor")
         return headers
 
     def names(self) -> list[str]:
