@@ -3,6 +3,7 @@
     python -m bridge import --hf DIR --out DIR [--dtype bf16|fp32] [--force]
     python -m bridge export --mcore DIR --out DIR [--dtype source|bf16] [--iteration N] [--force]
     python -m bridge verify --hf DIR --mcore DIR [--iteration N] [--sequences 3 --seq-len 48]
+    python -m bridge slice --hf DIR --config SMALL.json --out DIR [--layers 0,2,..] [--experts gate-norm|first|FILE]
 
 `--mcore` is an import output, or a `pretrain.py --save` directory (its latest iteration, or
 `--iteration N`), or one of its `iter_*` directories.
@@ -28,6 +29,8 @@ from megatron_v4.runtime.command_line import (
     one_line,
 )
 from megatron_v4.runtime.quiet import verbose
+
+from bridge import slice_command
 
 IMPORT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 EXIT_MISMATCH = 3
@@ -65,10 +68,13 @@ def _parser() -> argparse.ArgumentParser:
 
     for sub in (imp, exp):
         sub.add_argument("--quiet", action="store_true", help="no progress line")
+    slice_command.add_parser(commands)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "slice":
+        return slice_command.run(args)
     # After the argument checks: importing PyTorch, Megatron-Core and transformers takes seconds.
     import torch
 
