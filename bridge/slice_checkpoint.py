@@ -21,7 +21,7 @@ from bridge.hf_config import DeepSeekV4HFConfig, read_hf_config, write_official_
 from bridge.hf_source import MTP_PREFIX, HFSource
 from bridge.output_dir import atomic_output_dir
 from bridge.progress import Progress
-from bridge.quantisation import release_plain_format, requantise, scale_name
+from bridge.quantisation import FP4, FP4_GROUP, release_plain_format, requantise, scale_name
 from bridge.safetensors_io import SafetensorsWriter
 from bridge.slicing import (
     BLOCK_RULES,
@@ -162,6 +162,9 @@ def _made(source: HFSource, rule: TensorRule, dst: DeepSeekV4HFConfig, dtype: st
     if dtype == "bf16":
         yield rule.name, values.to(release_plain_format(rule.name, values.dtype).torch_dtype)
     elif quantised:
+        if stored.format.quant == FP4 and values.shape[-1] % FP4_GROUP:
+            raise SliceError(f"{rule.name}: {values.shape[-1]} inputs cannot be stored as FP4 (groups of "
+                             f"{FP4_GROUP}); use --dtype bf16 or a config whose cut keeps a multiple of {FP4_GROUP}")
         weight, scale, _ = requantise(values, stored.format)
         yield rule.name, weight.view(stored.format.torch_dtype)
         yield scale_name(rule.name), scale

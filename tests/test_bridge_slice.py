@@ -142,8 +142,13 @@ def test_layer_and_expert_slice_has_the_kept_models_logits(tmp_path, capsys):
 
 def test_a_layer_that_changes_routing_kind_gets_init_tensors(tmp_path):
     src = make_tiny_checkpoint(tmp_path / "big", cfg=DEEP, seed=3, with_mtp=False)
-    out = _slice(tmp_path, src, tiny_config(**{**SHALLOW.__dict__, "num_hash_layers": 2}), "--experts", "first")
+    chosen = {f"layers.{n}": [7, 5, 3, 1] for n in STRIDE}
+    (tmp_path / "experts.json").write_text(json.dumps(chosen))
+    out = _slice(tmp_path, src, tiny_config(**{**SHALLOW.__dict__, "num_hash_layers": 2}),
+                 "--experts", str(tmp_path / "experts.json"))
+    assert _provenance(out)["blocks"]["layers.3"] == {"source": "layers.7", "experts": [7, 5, 3, 1]}
     provenance = _provenance(out)["tensors"]
+    assert provenance["layers.3.ffn.experts.0.w2.weight"]["source"] == "layers.7.ffn.experts.7.w2.weight"
     assert provenance["layers.1.ffn.gate.tid2eid"]["kind"] == "INIT"  # source layer 2 learns its routing
     assert "layers.1.ffn.gate.bias" not in provenance
     table = _tensors(out)["layers.1.ffn.gate.tid2eid"]
@@ -257,6 +262,27 @@ def test_head_and_dim_slice_is_the_documented_cut_of_each_tensor(narrow):
     assert checked == len(sliced) - 2  # all but the two hash tables
     rope_tail = provenance["tensors"]["layers.0.attn.wkv.weight"]["index"][0]
     assert rope_tail == [[0, 8], [16, 32]]  # 8 non-rope channels, then the 16 rope ones at the tail
+
+
+def test_quantised_source_slices_to_bf16_from_its_dequantised_values(tmp_path):
+    from bridge.hf_source import HFSource
+
+    src = make_tiny_checkpoint(tmp_path / "big", cfg=WIDE, seed=4, quantised=True, fp8_block=(16, 16))
+    out = _slice(tmp_path, src, NARROW)
+    source, sliced = HFSource(src), HFSource(out)
+    provenance = _provenance(out)
+    for name in sliced.names():
+        entry = provenance["tensors"][name]
+        block = name.split(".ffn.")[0] if ".ffn." in name else ""
+        expected = _expected_cut(name, source.read(entry["source"])[0],
+                                 provenance["blocks"][block]["experts"] if block else [])
+        if expected is not None:
+            assert torch.equal(sliced.read(name)[0], expected.to(sliced.read(name)[0].dtype)), name
+    assert sliced.tensors["layers.0.attn.wq_b.weight"].format.dtype == "bfloat16"
+    assert sliced.tensors["layers.0.attn.attn_sink"].format.dtype == "float32"
+    code = cli(["slice", "--hf", str(src), "--config", str(tmp_path / "cfg" / "config.json"),
+                "--out", str(tmp_path / "fp4"), "--dtype", "source", "--quiet"])
+    assert code == 1 and not os.path.exists(tmp_path / "fp4")  # 48 expert inputs: not a whole FP4 group
 
 
 def test_head_and_dim_slice_runs_through_the_bridge_at_tp2_ep2(narrow, tmp_path):
