@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 
+from bridge import slice_command
 from megatron_v4.runtime.command_line import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -29,8 +30,6 @@ from megatron_v4.runtime.command_line import (
     one_line,
 )
 from megatron_v4.runtime.quiet import verbose
-
-from bridge import slice_command
 
 IMPORT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 EXIT_MISMATCH = 3

@@ -21,7 +21,13 @@ from bridge.hf_config import DeepSeekV4HFConfig, read_hf_config, write_official_
 from bridge.hf_source import MTP_PREFIX, HFSource
 from bridge.output_dir import atomic_output_dir
 from bridge.progress import Progress
-from bridge.quantisation import FP4, FP4_GROUP, release_plain_format, requantise, scale_name
+from bridge.quantisation import (
+    FP4,
+    FP4_GROUP,
+    release_plain_format,
+    requantise,
+    scale_name,
+)
 from bridge.safetensors_io import SafetensorsWriter
 from bridge.slicing import (
     BLOCK_RULES,

@@ -23,6 +23,7 @@ the kept part computed in the big model it still computes in the small one:
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -245,7 +246,7 @@ def choose_layers(src: DeepSeekV4HFConfig, dst: DeepSeekV4HFConfig, layers: list
     layers = stride_layers(src.num_layers, dst.num_layers) if layers is None else list(layers)
     if len(layers) != dst.num_layers:
         raise SliceError(f"--layers gives {len(layers)} layers; the config has num_hidden_layers={dst.num_layers}")
-    if any(not 0 <= n < src.num_layers for n in layers) or any(a >= b for a, b in zip(layers, layers[1:])):
+    if any(not 0 <= n < src.num_layers for n in layers) or any(a >= b for a, b in itertools.pairwise(layers)):
         raise SliceError(f"--layers {layers}: give increasing source layers in 0..{src.num_layers - 1}")
     ratios = [src.compress_ratios[n] for n in layers]
     for i, (n, ratio) in enumerate(zip(layers, ratios)):

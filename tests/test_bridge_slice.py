@@ -294,7 +294,7 @@ def test_head_and_dim_slice_runs_through_the_bridge_at_tp2_ep2(narrow, tmp_path)
     ids = torch.randint(0, NARROW.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = convert.hf_reference_model(out)(input_ids=ids).logits
-    results = run_on_ranks(_outputs_at, 2, dict(tp=2, ep=2), str(mcore), ids, timeout=300)
+    results = run_on_ranks(_outputs_at, 2, {"tp": 2, "ep": 2}, str(mcore), ids, timeout=300)
     for result in results:
         diff = (result["logits"] - want).abs().max()
         print(f"TP2/EP2 logits vs transformers: max |diff| {diff:.3g} of max |logit| {want.abs().max():.3g}")
@@ -350,11 +350,11 @@ def test_slice_of_a_trained_model_starts_below_a_random_init(tmp_path):
 
 # --- refusals ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("changes, message", [
-    (dict(hidden_size=96), "hidden_size=96 is larger than the source's 64"),
-    (dict(qk_rope_head_dim=8), "qk_rope_head_dim=8 differs from the source's 16"),
-    (dict(head_dim=12, qk_rope_head_dim=16), "head_dim=12 cannot hold the 16 RoPE dims"),
-    (dict(num_layers=2, compress_ratios=(0, 128)), "set compress_ratios to [0, 4, 0]"),
-    (dict(num_attention_heads=4, o_groups=1), "4 heads per output group"),
+    ({"hidden_size": 96}, "hidden_size=96 is larger than the source's 64"),
+    ({"qk_rope_head_dim": 8}, "qk_rope_head_dim=8 differs from the source's 16"),
+    ({"head_dim": 12, "qk_rope_head_dim": 16}, "head_dim=12 cannot hold the 16 RoPE dims"),
+    ({"num_layers": 2, "compress_ratios": (0, 128)}, "set compress_ratios to [0, 4, 0]"),
+    ({"num_attention_heads": 4, "o_groups": 1}, "4 heads per output group"),
 ])
 def test_unsliceable_configs_fail_with_one_line(tmp_path, capsys, changes, message):
     src = make_tiny_checkpoint(tmp_path / "big")
