@@ -3,8 +3,9 @@
 The source is any checkpoint `HFSource` reads (three namings, FP8/FP4 dequantised). The output is an
 official-naming checkpoint of the small config, `provenance.json` (each tensor COPY / SLICE / INIT, its
 source tensor and the kept source indices of each dim) and `frozen_keys.json` (the COPY tensors, for
-`pretrain.py --freeze-file`). One tensor is read, cut and written at a time; only the kept experts are
-read; the output directory appears complete or not at all.
+`pretrain.py --freeze-file`). One tensor is read, cut and written at a time (memory: one tensor and at
+most one output shard); only the kept experts are read; the output directory appears complete or not
+at all.
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ from bridge.quantisation import (
     scale_name,
 )
 from bridge.safetensors_io import SafetensorsWriter
+from bridge.slice_command import FIRST, GATE_NORM, SLICE_DTYPES
 from bridge.slicing import (
     BLOCK_RULES,
     COPY,
-    FIRST,
-    GATE_NORM,
     HASH_ONLY,
     INIT,
     INIT_RULES,
@@ -57,7 +57,6 @@ from bridge.slicing import (
 PROVENANCE_FILE = "provenance.json"
 FROZEN_KEYS_FILE = "frozen_keys.json"
 PROVENANCE_FORMAT = "megatron_v4.bridge.slice/1"
-SLICE_DTYPES = ("bf16", "source")
 BLOCK_NAME = re.compile(r"^((?:layers|mtp)\.\d+\.)(.*)$")
 
 

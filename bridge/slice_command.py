@@ -7,7 +7,9 @@ import os
 
 from megatron_v4.runtime.command_line import UsageError
 
-EXPERT_RULES = ("gate-norm", "first")
+GATE_NORM, FIRST = "gate-norm", "first"
+EXPERT_RULES = (GATE_NORM, FIRST)
+SLICE_DTYPES = ("bf16", "source")
 
 
 def _layer_list(text: str) -> list[int]:
@@ -25,11 +27,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
     sub.add_argument("--out", required=True, help="checkpoint directory to create (official naming)")
     sub.add_argument("--layers", type=_layer_list,
                      help="source layer of each slice layer, e.g. 0,1,3,5 (default: an even stride)")
-    sub.add_argument("--experts", default="gate-norm",
+    sub.add_argument("--experts", default=GATE_NORM,
                      help="gate-norm (largest gate rows, default), first, or a JSON file of source expert ids "
                           "(a list, or {\"layers.N\": [...], \"mtp.0\": [...]})")
     sub.add_argument("--seed", type=int, default=0, help="seed of the INIT tensors")
-    sub.add_argument("--dtype", choices=["bf16", "source"], default="bf16",
+    sub.add_argument("--dtype", choices=SLICE_DTYPES, default="bf16",
                      help="bf16 (default; fp32 where the releases keep fp32) or each tensor's source format")
     sub.add_argument("--max-shard-gb", type=float, default=1.0, help="safetensors shard size (default 1 GB)")
     sub.add_argument("--force", action="store_true", help="replace --out if it exists")

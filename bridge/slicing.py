@@ -259,9 +259,6 @@ def choose_layers(src: DeepSeekV4HFConfig, dst: DeepSeekV4HFConfig, layers: list
 
 
 # --- experts --------------------------------------------------------------------------------------------
-GATE_NORM, FIRST = "gate-norm", "first"
-
-
 def experts_by_gate_norm(gate: torch.Tensor, count: int) -> torch.Tensor:
     """The `count` experts with the largest gate-row L2 norms, in source order (ties: the lower id)."""
     norms = torch.linalg.vector_norm(gate.float(), dim=1)
