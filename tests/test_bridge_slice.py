@@ -4,7 +4,8 @@ Checked, with the expected cuts written here independently of bridge/slicing.py:
 - the identity slice of a quantised checkpoint gives back every byte, every tensor COPY;
 - a layer- and expert-only slice has the logits of a transformers model of the small config loaded
   from the big one's kept layers and experts (fp32, 1e-5), and its hash tables keep each kept
-  expert's tokens and spread the dropped experts' tokens evenly;
+  expert's tokens and spread the dropped experts' tokens evenly; a transformers-named source slices
+  to the same tensors as the official one;
 - a head/dim slice: each tensor is its documented cut (whole heads and groups, RoPE on the last
   qk_rope_head_dim channels, compressors per overlap half), and it loads through the bridge at TP2/EP2
   with transformers' logits;
@@ -22,7 +23,7 @@ import torch
 
 from bridge.cli import main as cli
 from bridge.hf_config import transformers_config, write_official_config
-from bridge.hf_naming import TRANSFORMERS_MODULE, TRANSLATORS
+from bridge.hf_naming import TRANSFORMERS_MODULE, TRANSFORMERS_SAVED, TRANSLATORS
 from bridge.safetensors_io import SafetensorsCheckpoint, write_safetensors
 from bridge.tiny import TINY, make_tiny_checkpoint, make_tiny_model, tiny_config
 from megatron_v4.runtime.ranks import run_on_ranks
@@ -153,6 +154,15 @@ def test_a_layer_that_changes_routing_kind_gets_init_tensors(tmp_path):
     assert "layers.1.ffn.gate.bias" not in provenance
     table = _tensors(out)["layers.1.ffn.gate.tid2eid"]
     assert table.shape == (DEEP.vocab_size, 2) and all(len(set(row)) == 2 for row in table.tolist())
+
+
+@pytest.mark.parametrize("naming", [TRANSFORMERS_MODULE, TRANSFORMERS_SAVED])
+def test_transformers_namings_slice_like_the_official_one(tmp_path, naming):
+    official = make_tiny_checkpoint(tmp_path / "official", cfg=DEEP, seed=3, with_mtp=False)
+    theirs = make_tiny_checkpoint(tmp_path / naming, naming=naming, cfg=DEEP, seed=3, with_mtp=False)
+    a = _tensors(_slice(tmp_path / "a", official, SHALLOW, "--dtype", "source"))
+    b = _tensors(_slice(tmp_path / "b", theirs, SHALLOW, "--dtype", "source"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
 
 
 # --- heads and dims ----------------------------------------------------------------------------------------
