@@ -11,12 +11,12 @@ the kept part computed in the big model it still computes in the small one:
   H'/G' heads (the grouped output projection `wo_a` mixes the heads of one group only, DeepSeek-V4
   report, "grouped output projection"; transformers `DeepseekV4GroupedLinear`).
 - `*head_dim`, `*index_dim`: within a head the RoPE dims are the LAST qk_rope_head_dim channels
-  (official inference `model.py` applies rotary embedding to `x[..., -rope_head_dim:]`), so a
+  (the official inference `model.py` and transformers rotate the last rope_head_dim channels), so a
   smaller head keeps its first (c' - r) non-rope channels and its last r rope channels.
 - `overlap*...`: the CSA compressors project to two halves [A | B] of width c each (transformers
   `DeepseekV4CSACompressor`: `chunk_kv[..., :head_dim]` and `[..., head_dim:]`); each half is cut
   like a head. HCA compressors have one half.
-- `experts`: the kept experts of that block (`ExpertChoice`), the same for `gate.weight`,
+- `experts`: the kept experts of that block (`experts_by_gate_norm`, or a given list), the same for `gate.weight`,
   `gate.bias` and every expert tensor; hash tables are remapped (`remap_hash_table`).
 """
 
