@@ -3,6 +3,7 @@
     python -m bridge import --hf DIR --out DIR [--dtype bf16|fp32] [--force] [--allow-nonfinite]
     python -m bridge export --mcore DIR --out DIR [--dtype source|bf16] [--iteration N] [--force] [--allow-nonfinite]
     python -m bridge verify --hf DIR --mcore DIR [--iteration N] [--sequences 3 --seq-len 48]
+    python -m bridge slice --hf DIR --config SMALL.json --out DIR [--layers 0,2,..] [--experts gate-norm|first|FILE]
 
 `--mcore` is an import output, or a `pretrain.py --save` directory (its latest iteration, or
 `--iteration N`), or one of its `iter_*` directories.
@@ -20,6 +21,7 @@ import argparse
 import os
 import sys
 
+from bridge import slice_command
 from bridge.output_dir import unsafe_target
 from megatron_v4.runtime.command_line import (
     EXIT_FAILED,
@@ -69,10 +71,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--quiet", action="store_true", help="no progress line")
         sub.add_argument("--allow-nonfinite", action="store_true",
                          help="convert weights holding NaN or Inf (refused by default, naming the tensor)")
+    slice_command.add_parser(commands)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "slice":
+        return slice_command.run(args)
     # After the argument checks: importing PyTorch, Megatron-Core and transformers takes seconds.
     import torch
 
