@@ -232,6 +232,8 @@ METADATA_GLOBALS = {
                                               "MetadataIndex", "StorageMeta", "TensorProperties",
                                               "TensorStorageMetadata", "_MEM_FORMAT_ENCODING"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    # Megatron-Core's training saves also keep the save plans (plain dataclasses and an enum).
+    "torch.distributed.checkpoint.planner": {"SavePlan", "TensorWriteData", "WriteItem", "WriteItemType"},
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
     "pathlib": {"PosixPath", "PurePosixPath"},

@@ -26,7 +26,7 @@ from megatron_v4.config import DeepSeekV4TransformerConfig
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROJECT = ("megatron_v4", "bridge")
-ENTRY_POINTS = {"bridge.cli"}
+ENTRY_POINTS = {"bridge.cli", "bridge.slice_command"}
 """Modules that import PyTorch-heavy modules of ours only after checking the command line."""
 
 

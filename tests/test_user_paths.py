@@ -90,7 +90,8 @@ MISTAKES = [
     (["examples/generate.py", "--pp", "2"], 2, "torchrun --nproc-per-node 2"),
     (["-m", "bridge", "export", "--mcore", "{tmp}/missing", "--out", "{tmp}/out"], 2, "no such directory"),
     (["-m", "bridge", "import", "--hf", "{hf}"], 2, "the following arguments are required: --out"),
-    (["-m", "bridge", "export", "--mcore", "{tmp}", "--out", "{tmp}/out"], 1, "no dsv4_bridge/config.json"),
+    (["-m", "bridge", "export", "--mcore", "{hf}", "--out", "{tmp}/out"], 1, "no dsv4_bridge/config.json"),
+    (["-m", "bridge", "export", "--mcore", "{hf}", "--out", "{hf}/out"], 2, "overlaps the input"),
     (["examples/main_job.py", "--seq-len"], 2, "expected one argument"),
 ]
 
