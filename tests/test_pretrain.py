@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from megatron_v4.runtime.ranks import run_on_ranks
+from tiny_checkpoints import imported_tiny
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
 import pretrain  # noqa: E402
@@ -50,15 +51,7 @@ def launch(world: int, argv: list[str]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> str:
-    """The tiny architecture (4 layers: sliding, CSA, HCA, CSA; 2 hash layers; 1 MTP layer), as
-    `python -m bridge import` writes it."""
-    from bridge import make_tiny_checkpoint
-    from bridge.convert import import_checkpoint
-
-    root = tmp_path_factory.mktemp("tiny")
-    make_tiny_checkpoint(root / "hf", seed=0)
-    import_checkpoint(root / "hf", root / "mcore", dtype=torch.float32, progress=False)
-    return str(root / "mcore")
+    return imported_tiny(tmp_path_factory.mktemp("tiny"), torch.float32)
 
 
 @pytest.fixture(scope="module")

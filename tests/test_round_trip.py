@@ -23,6 +23,7 @@ from transformers import DeepseekV4ForCausalLM
 from bridge.cli import main as bridge_cli
 from bridge.safetensors_io import SafetensorsCheckpoint
 from megatron_v4.runtime.ranks import run_on_ranks
+from tiny_checkpoints import imported_tiny
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
 import generate as generate_example  # noqa: E402
@@ -56,13 +57,7 @@ def generate_tokens(argv: list[str]) -> list[int]:
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory) -> str:
-    from bridge import make_tiny_checkpoint
-    from bridge.convert import import_checkpoint
-
-    root = tmp_path_factory.mktemp("source")
-    make_tiny_checkpoint(root / "hf", seed=0)
-    import_checkpoint(root / "hf", root / "mcore", dtype=torch.bfloat16, progress=False)
-    return str(root / "mcore")
+    return imported_tiny(tmp_path_factory.mktemp("source"), torch.bfloat16)
 
 
 def _trained_bf16_tensors(iteration_dir: str, tmp_path) -> dict[str, torch.Tensor]:
