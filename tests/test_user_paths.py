@@ -63,7 +63,8 @@ def test_readme_examples_run_at_one_rank_and_under_torchrun(script, tmp_path):
     if script == "bridge_api.py":
         # The same logits (their argmax) at TP=2 as at one rank, on both ranks.
         expected = next(line for line in one.stdout.splitlines() if line.startswith("logits"))
-        assert [line for line in two.stdout.splitlines() if line.startswith("logits")] == [expected, expected]
+        # (the two ranks' prints may interleave within the job's stdout)
+        assert two.stdout.count(expected) == 2, two.stdout
 
 
 # --- mistakes -------------------------------------------------------------------------------------------
