@@ -17,6 +17,9 @@ import os
 RECORD_DIR = "dsv4_bridge"
 RECORD_FILE = "source.json"
 SCALES_DIR = "scales"
+SOURCE_FILES_DIR = "source_files"
+"""Every file of the source checkpoint but its weights (tokenizer, generation config, chat-encoding files,
+README, the `config.json` as written), which export writes back."""
 CARRIED_DIR = "carried"
 """Tensors of the source's other parts (a draft head, a vision encoder), kept byte for byte for export."""
 CONFIG_FILE = "config.json"

@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="Hugging Face checkpoint directory to create")
     exp.add_argument("--dtype", choices=["source", "bf16"], default="source",
                      help="source: re-quantise every tensor to its original format (default); bf16: no FP8/FP4")
-    exp.add_argument("--max-shard-gb", type=float, default=1.0, help="safetensors shard size (default 1 GB)")
+    exp.add_argument("--max-shard-gb", type=float,
+                     help="safetensors shard size (default: the source's largest shard, else 1 GB)")
     exp.add_argument("--force", action="store_true", help="replace --out if it exists")
 
     ver = commands.add_parser("verify", help="logits of transformers (HF checkpoint) vs Megatron-Core (imported)")
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "export":
         report = convert.export_checkpoint(args.mcore, args.out, args.dtype, args.force,
-                                           max_shard_bytes=int(args.max_shard_gb * 1e9), progress=not args.quiet,
+                                           max_shard_bytes=None if args.max_shard_gb is None else int(args.max_shard_gb * 1e9), progress=not args.quiet,
                                            iteration=args.iteration, allow_nonfinite=args.allow_nonfinite)
         print(f"exported {report.tensors} tensors ({report.quantised_tensors} re-quantised, "
               f"{report.fresh_scale_blocks} blocks with a fresh scale), {report.written_bytes / 1e9:.3f} GB "
@@ -122,7 +123,7 @@ def check_args(args: argparse.Namespace) -> None:
         reason = unsafe_target(out, [p for p in (getattr(args, "hf", None), getattr(args, "mcore", None)) if p])
         if reason:
             raise UsageError(reason)
-    if getattr(args, "max_shard_gb", 1.0) <= 0:
+    if getattr(args, "max_shard_gb", None) is not None and args.max_shard_gb <= 0:
         raise UsageError(f"--max-shard-gb {args.max_shard_gb} must be > 0")
 
 

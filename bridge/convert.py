@@ -33,12 +33,22 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core import parallel_state
 
-from bridge.checkpoint_dirs import CARRIED_DIR, RECORD_DIR, RECORD_FILE, SCALES_DIR, resolve_checkpoint
+from bridge.checkpoint_dirs import (
+    CARRIED_DIR,
+    CONFIG_FILE,
+    RECORD_DIR,
+    RECORD_FILE,
+    SCALES_DIR,
+    SOURCE_FILES_DIR,
+    resolve_checkpoint,
+)
 from bridge.conversion_plan import ConversionPlan, TensorPlan
+from bridge.hf_config import OFFICIAL as OFFICIAL_FLAVOUR
 from bridge.hf_config import (
     DeepSeekV4HFConfig,
     read_hf_config,
     transformer_config,
+    official_config_dict,
     transformers_config,
     write_official_config,
 )
@@ -57,12 +67,13 @@ from bridge.mcore_naming import SEQUENTIAL_EXPERTS, detect_expert_form
 from bridge.output_dir import atomic_output_dir
 from bridge.progress import Progress
 from bridge.quantisation import FP4, SourceFormat, dtype_name, release_plain_format, requantise, scale_name
-from bridge.safetensors_io import PlannedTensor, SafetensorsCheckpoint, SafetensorsWriter, write_safetensors
+from bridge.safetensors_io import INDEX_FILE, PlannedTensor, SafetensorsCheckpoint, SafetensorsWriter, write_safetensors
 from megatron_v4.model import DeepSeekV4Model
 from megatron_v4.runtime import destroy, initialize
 
 RECORD_FORMAT = "megatron_v4.bridge.source/2"
 EXPORT_DTYPES = ("source", "bf16")
+DEFAULT_SHARD_BYTES = 1 << 30
 READ_GROUP_BYTES = 256 << 20
 """Export reads Megatron-Core tensors in groups of about this size (one DCP read per group)."""
 
@@ -83,6 +94,8 @@ class SourceRecord:
     fresh: bool = False
     """No source checkpoint (a model trained from random init): every tensor has the release's plain
     dtype (`release_plain_format`) and `tensors` is empty."""
+    shard_bytes: int | None = None
+    """The source's largest safetensors file: export writes shards of that size by default."""
 
     def format_of(self, official: str) -> SourceFormat | None:
         return release_plain_format(official, torch.int64 if official.endswith("tid2eid") else torch.bfloat16) \
@@ -138,16 +151,65 @@ def fresh_record(config: DeepSeekV4HFConfig) -> SourceRecord:
 def write_record(directory: str | os.PathLike, config: DeepSeekV4HFConfig, record: SourceRecord,
                  scales_from: str | os.PathLike | None = None) -> None:
     """`directory/dsv4_bridge/`: what export needs beside the weights (the architecture, the record, and
-    the original FP8/FP4 scales and carried tensors of `scales_from`, a checkpoint directory holding some)."""
+    the original FP8/FP4 scales, carried tensors and source files of `scales_from`, a checkpoint directory
+    holding some)."""
     record_dir = os.path.join(os.fspath(directory), RECORD_DIR)
     os.makedirs(record_dir, exist_ok=True)
     write_official_config(config, record_dir)
     record.save(record_dir)
-    for kept in (SCALES_DIR, CARRIED_DIR):
+    for kept in (SCALES_DIR, CARRIED_DIR, SOURCE_FILES_DIR):
         kept_dir = os.path.join(os.fspath(scales_from), RECORD_DIR, kept) if scales_from else None
         if kept_dir and os.path.isdir(kept_dir):
             shutil.copytree(kept_dir, os.path.join(record_dir, kept), dirs_exist_ok=True)
     write_checksums(record_dir)
+
+
+def _keep_source_files(hf_dir: str, directory: str) -> None:
+    """Every file of the source checkpoint but its weights and index, as they are, into `directory`."""
+    for root, folders, names in os.walk(hf_dir):
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        for name in names:
+            relative = os.path.relpath(os.path.join(root, name), hf_dir)
+            if name.startswith(".") or name.endswith(".safetensors") or relative == INDEX_FILE:
+                continue
+            os.makedirs(os.path.dirname(os.path.join(directory, relative)), exist_ok=True)
+            shutil.copy2(os.path.join(root, name), os.path.join(directory, relative))
+
+
+def _write_back_source_files(record_dir: str, out_dir: str, written: DeepSeekV4HFConfig) -> None:
+    """The source's files into `out_dir`, and its `config.json` with its own keys, order and values, changed
+    only where the exported architecture differs from the recorded one (official flavour; otherwise, or
+    without source files, the canonical official `config.json`)."""
+    kept = os.path.join(record_dir, SOURCE_FILES_DIR)
+    raw_path = os.path.join(kept, CONFIG_FILE)
+    if not os.path.isfile(raw_path):
+        write_official_config(written, out_dir)
+        return
+    shutil.copytree(kept, out_dir, dirs_exist_ok=True, ignore=lambda d, names: [CONFIG_FILE] if d == kept else [])
+    recorded = read_hf_config(record_dir)
+    with open(raw_path) as f:
+        raw = json.load(f)
+    if written == recorded:
+        shutil.copy2(raw_path, os.path.join(out_dir, CONFIG_FILE))
+        return
+    if recorded.flavour != OFFICIAL_FLAVOUR:
+        write_official_config(written, out_dir)
+        return
+    before, after = official_config_dict(recorded), official_config_dict(written)
+    for key in [*before, *(k for k in after if k not in before)]:
+        if before.get(key) != after.get(key):
+            if key in after:
+                raw[key] = after[key]
+            else:
+                raw.pop(key, None)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        json.dump(raw, f, indent=2)
+        f.write("\n")
+
+
+def _largest_shard(hf_dir: str) -> int | None:
+    sizes = [os.path.getsize(os.path.join(hf_dir, f)) for f in os.listdir(hf_dir) if f.endswith(".safetensors")]
+    return max(sizes, default=None)
 
 
 def _carry(source: HFSource, directory: str, max_shard_bytes: int = 256 << 20) -> None:
@@ -269,6 +331,7 @@ def import_checkpoint(
             write_checkpoint(tmp, sharded, materialise, order=order, on_written=on_written)
             scales.close()
             _carry(source, os.path.join(record_dir, CARRIED_DIR))
+            _keep_source_files(source.path, os.path.join(record_dir, SOURCE_FILES_DIR))
             write_official_config(source.config, record_dir)
             record = SourceRecord(
                 naming=source.naming,
@@ -277,6 +340,7 @@ def import_checkpoint(
                 mtp_num_layers=mtp_num_layers,
                 expert_form=expert_form,
                 tensors=plan.formats,
+                shard_bytes=_largest_shard(source.path),
             )
             record.save(record_dir)
             write_checksums(record_dir, digests)
@@ -430,7 +494,7 @@ def export_checkpoint(
     out_dir: str | os.PathLike,
     dtype: str = "source",
     force: bool = False,
-    max_shard_bytes: int = 1 << 30,
+    max_shard_bytes: int | None = None,
     progress: bool = True,
     iteration: int | None = None,
     allow_nonfinite: bool = False,
@@ -441,7 +505,9 @@ def export_checkpoint(
     `dtype="source"` re-quantises each tensor to the format it had in the source checkpoint;
     `"bf16"` writes the FP8/FP4 and bf16 tensors as bf16 (fp32 and integer ones keep their dtype).
     Every tensor and record file is checked against the import's checksums; a NaN or Inf weight is
-    refused unless `allow_nonfinite`.
+    refused unless `allow_nonfinite`. Shards are `max_shard_bytes` at most (default: the source's
+    largest shard, else 1 GB); the source's other files (tokenizer, generation config, ...) come back
+    as they were, and its `config.json` with its own key order.
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r}: use one of {EXPORT_DTYPES}")
@@ -469,7 +535,8 @@ def export_checkpoint(
         total = sum(math.prod(s.data.shape) * reader.stored_dtype(n).itemsize for n, s in sharding.items())
         bar = Progress("export", len(sharding), total, enabled=progress)
         with atomic_output_dir(out_dir, force, inputs=(given,)) as tmp:
-            writer = SafetensorsWriter(tmp, max_shard_bytes, planned=announced)
+            writer = SafetensorsWriter(tmp, max_shard_bytes or record.shard_bytes or DEFAULT_SHARD_BYTES,
+                                       planned=announced)
             for name, tensor in reader.read(sharding, max_group_bytes=READ_GROUP_BYTES):
                 bar.update(tensor.nbytes)
                 checksums.check_tensor(name, tensor)
@@ -486,7 +553,7 @@ def export_checkpoint(
             if dtype == "bf16":
                 written_config = dataclasses.replace(config, quantization_config=None, expert_dtype=None,
                                                      dtype="bfloat16")
-            write_official_config(written_config, tmp)
+            _write_back_source_files(os.path.join(mcore_dir, RECORD_DIR), tmp, written_config)
             report.written_bytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in report.files)
         bar.close()
     report.seconds = bar.seconds

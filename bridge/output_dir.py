@@ -76,12 +76,19 @@ def atomic_output_dir(target: str | os.PathLike, force: bool = False, inputs: tu
         temporary = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
         try:
             yield temporary
+            os.chmod(temporary, 0o777 & ~_umask())  # mkdtemp makes it 0700; the output honours the umask
             _fsync_tree(temporary)
             _put_in_place(temporary, target, force)
             _fsync_dir(parent)
         finally:
             if os.path.lexists(temporary):
                 shutil.rmtree(temporary)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _exists(target: str) -> OutputExistsError:
