@@ -29,6 +29,7 @@ from megatron_v4.runtime.command_line import (
     EXIT_USAGE,
     ArgumentParser,
     UsageError,
+    existing_directory,
     one_line,
 )
 from megatron_v4.runtime.quiet import verbose
@@ -115,9 +116,8 @@ def run(args: argparse.Namespace) -> int:
 def check_args(args: argparse.Namespace) -> None:
     """Mistakes answered before the heavy imports."""
     for flag in ("hf", "mcore"):
-        path = getattr(args, flag, None)
-        if path is not None and not os.path.isdir(path):
-            raise UsageError(f"--{flag} {path or repr(path)}: no such directory")
+        if getattr(args, flag, None) is not None:
+            existing_directory(getattr(args, flag), f"--{flag}", expect=None)
     out = getattr(args, "out", None)
     if out is not None:
         reason = unsafe_target(out, [p for p in (getattr(args, "hf", None), getattr(args, "mcore", None)) if p])

@@ -176,9 +176,10 @@ def _keep_source_files(hf_dir: str, directory: str) -> None:
             shutil.copy2(os.path.join(root, name), os.path.join(directory, relative))
 
 
-def _write_back_source_files(record_dir: str, out_dir: str, written: DeepSeekV4HFConfig) -> None:
+def _write_back_source_files(record_dir: str, out_dir: str, recorded: DeepSeekV4HFConfig,
+                             written: DeepSeekV4HFConfig) -> None:
     """The source's files into `out_dir`, and its `config.json` with its own keys, order and values, changed
-    only where the exported architecture differs from the recorded one (official flavour; otherwise, or
+    only where the exported architecture (`written`) differs from the recorded one (`recorded`) (official flavour; otherwise, or
     without source files, the canonical official `config.json`)."""
     kept = os.path.join(record_dir, SOURCE_FILES_DIR)
     raw_path = os.path.join(kept, CONFIG_FILE)
@@ -186,7 +187,6 @@ def _write_back_source_files(record_dir: str, out_dir: str, written: DeepSeekV4H
         write_official_config(written, out_dir)
         return
     shutil.copytree(kept, out_dir, dirs_exist_ok=True, ignore=lambda d, names: [CONFIG_FILE] if d == kept else [])
-    recorded = read_hf_config(record_dir)
     with open(raw_path) as f:
         raw = json.load(f)
     if written == recorded:
@@ -553,7 +553,7 @@ def export_checkpoint(
             if dtype == "bf16":
                 written_config = dataclasses.replace(config, quantization_config=None, expert_dtype=None,
                                                      dtype="bfloat16")
-            _write_back_source_files(os.path.join(mcore_dir, RECORD_DIR), tmp, written_config)
+            _write_back_source_files(os.path.join(mcore_dir, RECORD_DIR), tmp, config, written_config)
             report.written_bytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in report.files)
         bar.close()
     report.seconds = bar.seconds

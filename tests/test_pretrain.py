@@ -16,16 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-from megatron_v4.runtime.ranks import run_on_ranks
-from tiny_checkpoints import imported_tiny
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
-import pretrain  # noqa: E402
+from pretrain_runs import imported_tiny, launch
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -34,19 +29,8 @@ COMMON = ["--train-iters", str(STEPS), "--warmup-iters", "3", "--seq-length", "3
           "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3"]
 
 
-LOGGED = ("step", "loss", "mtp_loss", "grad_norm", "lr", "tokens")
 
 
-def train(argv: list[str]) -> list[dict]:
-    """Rank entry point: the script's own main()."""
-    return pretrain.main(argv)
-
-
-def launch(world: int, argv: list[str]) -> list[dict]:
-    results = run_on_ranks(train, world, argv, timeout=300)
-    logged = [[{k: m[k] for k in LOGGED} for m in history] for history in results]
-    assert all(r == logged[0] for r in logged), "ranks disagree on the logged metrics"
-    return logged[0]
 
 
 @pytest.fixture(scope="module")

@@ -23,20 +23,16 @@ from transformers import DeepseekV4ForCausalLM
 from bridge.cli import main as bridge_cli
 from bridge.safetensors_io import SafetensorsCheckpoint
 from megatron_v4.runtime.ranks import run_on_ranks
-from tiny_checkpoints import imported_tiny
+from pretrain_runs import imported_tiny, train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
 import generate as generate_example  # noqa: E402
-import pretrain  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 
 TRAIN = ["--train-iters", "3", "--warmup-iters", "1", "--seq-length", "32", "--micro-batch-size", "2",
          "--global-batch-size", "4", "--lr", "1e-2", "--dtype", "bf16", "--save-interval", "2"]
 
-
-def train(argv: list[str]) -> list[dict]:
-    return pretrain.main(argv)
 
 
 def ours_logits(save_dir: str, input_ids: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from megatron_v4.runtime.ranks import run_on_ranks
-from tiny_checkpoints import imported_tiny
+from pretrain_runs import LOGGED, imported_tiny, launch, train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples"))
 import pretrain  # noqa: E402
@@ -39,19 +39,8 @@ STEPS = 5
 COMMON = ["--train-iters", str(STEPS), "--warmup-iters", "1", "--seq-length", "32",
           "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "3e-3"]
 MUON = ["--optimizer", "muon"]
-LOGGED = ("step", "loss", "mtp_loss", "grad_norm", "lr", "tokens")
 
 
-def train(argv: list[str]) -> list[dict]:
-    return pretrain.main(argv)
-
-
-def launch(world: int, argv: list[str]) -> list[dict]:
-    results = run_on_ranks(train, world, argv, timeout=300)
-    logged = [[{k: m[k] for k in LOGGED} | ({"eval": m["eval"]} if "eval" in m else {}) for m in history]
-              for history in results]
-    assert all(r == logged[0] for r in logged), "ranks disagree on the logged metrics"
-    return logged[0]
 
 
 @pytest.fixture(scope="module")
