@@ -4,6 +4,7 @@
     bridge = AutoBridge.from_hf_pretrained("path/to/checkpoint")   # any of the three namings, FP8/FP4 too
     model = bridge.to_megatron_model(dtype=torch.bfloat16)          # this rank's list of model chunks
     for name, tensor in bridge.export_hf_weights(model): ...        # full official tensors, on every rank
+    bridge.load_hf_weights(model, tensors)                          # in place, from any (name, tensor) iterable
     bridge.save_hf_pretrained(model, "out/")                        # official safetensors + config.json
 
 Loading, each rank asks the conversion plan (`bridge.conversion_plan`) which
@@ -19,14 +20,15 @@ import dataclasses
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from bridge import pipeline
+from bridge import pipeline, weight_sync
 from bridge.conversion_plan import ConversionPlan, RankPosition
-from bridge.gather import gather_full_tensors
+from bridge.gather import ALL, RANK0, gather_full_tensors
 from bridge.hf_config import read_hf_config, transformer_config, write_official_config
 from bridge.hf_naming import OFFICIAL
 from bridge.hf_source import HFSource, InMemorySource, carried_mtp_layers
@@ -36,6 +38,9 @@ from bridge.safetensors_io import write_safetensors
 from megatron_v4.model import DeepSeekV4Model
 
 logger = logging.getLogger(__name__)
+
+READ_THREADS = 4
+"""Threads reading a checkpoint into a model: enough to keep the disk busy while others convert."""
 
 
 def _plan_of(chunks) -> ConversionPlan:
@@ -80,8 +85,11 @@ class AutoBridge:
         """Build this rank's `DeepSeekV4Model` chunk(s) for the current layout and load their weights.
 
         Call `megatron_v4.initialize()` first. Returns the list of model chunks, as Megatron-Core's
-        `get_model` does: one per virtual pipeline stage (one without virtual stages).
+        `get_model` does: one per virtual pipeline stage (one without virtual stages). With
+        `load_weights`, the random initialisation the weights would overwrite is skipped.
         """
+        if load_weights:
+            config_overrides.setdefault("perform_initialization", False)
         config = self.transformer_config(dtype=dtype, **config_overrides)
         vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
         chunks = [
@@ -101,48 +109,86 @@ class AutoBridge:
             self.load_hf_weights(chunks)
         return chunks
 
-    def load_hf_weights(self, model) -> None:
-        """Fill this rank's model chunk(s) from the checkpoint, reading only the tensors and shares they hold."""
-        chunks = model_chunks(model)
-        plan = _plan_of(chunks)
-        ranks = RankPosition.current()
-        with torch.no_grad():
-            for chunk in chunks:
-                for entry, target in rank_tensors(chunk, plan, self.config.num_routed_experts, ranks):
-                    value = entry.plan.assemble(self.source.read_share, entry.slice)
-                    if tuple(value.shape) != tuple(target.shape):
-                        raise ValueError(
-                            f"{entry.local_name} (checkpoint {entry.plan.official}): the checkpoint gives "
-                            f"shape {tuple(value.shape)} but the model has {tuple(target.shape)}; "
-                            "does the config match the checkpoint?"
-                        )
-                    target.copy_(value)
+    def load_hf_weights(self, model, tensors=None, strict: bool = True) -> None:
+        """Fill this rank's model chunk(s) in place: from the checkpoint, or from `tensors`.
 
-    # --- Hugging Face side -------------------------------------------------------------------------
-    def export_hf_weights(
-        self, model, naming: str = OFFICIAL, all_ranks: bool = True
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full tensor on the CPU) of every Hugging Face tensor of the model, from any parallel layout.
-
-        Official names by default. `model` is this rank's chunk list (or one chunk). With
-        `all_ranks` every rank receives every tensor; with `all_ranks=False` only rank 0 does
-        and the others yield nothing. Every rank must iterate the stream to its end: each
-        tensor is gathered by collectives (see `bridge.gather`).
+        Without `tensors`, each rank reads only the tensors and shares it holds, in
+        `READ_THREADS` threads. `tensors` is any iterable of (name, tensor) (a dict, a
+        generator, the buckets `export_hf_weights` yields) in any Hugging Face naming, each
+        name told on its own, bf16/fp32 or FP8/FP4 with `.scale` companions. Call it on every
+        rank with the same tensors (a tensor's full value, not a shard): each rank copies in
+        its own share, skipping what other ranks hold. The model keeps its tensor objects,
+        so optimizer state and gradient buffers stay attached. A name that is not a tensor
+        of this model, or a wrong shape, is an error; so is a tensor this rank holds that is
+        not given, unless `strict=False` (to update some tensors only).
         """
         chunks = model_chunks(model)
         plan = _plan_of(chunks)
-        items = gather_full_tensors(chunks, plan, self.config.num_routed_experts, all_ranks=all_ranks)
+        num_experts = self.config.num_routed_experts
+        if tensors is not None:
+            weight_sync.load_in_place(chunks, plan, num_experts, tensors, set(self.source.names()), strict)
+            return
+        ranks = RankPosition.current()
+        held = [held for chunk in chunks for held in rank_tensors(chunk, plan, num_experts, ranks)]
+
+        def fill(held) -> None:
+            entry, target = held
+            with torch.no_grad():  # per thread: grad mode is thread-local
+                entry.plan.assemble(self.source.read_share, entry.slice, out=target)
+
+        # reading (system calls) and converting (torch kernels) release the GIL: threads overlap them
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            for _ in pool.map(fill, held):
+                pass
+
+    # --- Hugging Face side -------------------------------------------------------------------------
+    def export_hf_weights(
+        self,
+        model,
+        naming: str = OFFICIAL,
+        *,
+        dtype: str | None = None,
+        bucket_bytes: int | None = None,
+        ranks: str = ALL,
+        cpu: bool = True,
+    ) -> Iterator[tuple[str, torch.Tensor]] | Iterator[list[tuple[str, torch.Tensor]]]:
+        """Every Hugging Face tensor of the model as (name, full tensor), from any parallel layout.
+
+        `model` is this rank's chunk list (or one chunk). `naming`: official names by
+        default, or a transformers naming. `dtype`: None gives the tensors as the model
+        holds them; "bf16" and "source" are `export_checkpoint`'s (FP8/FP4 tensors as
+        bf16, or re-quantised to the source checkpoint's formats, each followed by its
+        `.scale`; official naming only). `bucket_bytes` groups the tensors into lists of
+        at most that many bytes (one tensor per item if None). `ranks` says where the
+        tensors appear: "all" (every rank), "rank0", or "owner" (each tensor on one rank
+        only: its pipeline stage's and expert rank's first tensor-parallel rank). Every
+        rank must call it and iterate to the end: tensors are gathered by collectives,
+        one at a time (see `bridge.gather`). `cpu=False` leaves them where they were
+        gathered. A tensor may be the model's own (not a copy): copy what you keep.
+        """
+        if dtype == "source" and naming != OFFICIAL:
+            raise ValueError(
+                f"dtype='source' gives the released checkpoints' FP8/FP4 tensors, which have official names; "
+                f"use naming={OFFICIAL!r} or dtype='bf16' for the {naming!r} naming"
+            )
+        chunks = model_chunks(model)
+        plan = _plan_of(chunks)
+        items = gather_full_tensors(chunks, plan, self.config.num_routed_experts, receivers=ranks)
         items = plan.split(items)
+        if dtype is not None:
+            items = weight_sync.in_export_dtype(items, dtype, self.source)
         if naming != OFFICIAL:
             items = pipeline.from_official(items, naming, self.config.num_routed_experts)
-        return items
+        if cpu:
+            items = ((name, tensor.cpu()) for name, tensor in items)
+        return items if bucket_bytes is None else weight_sync.buckets(items, bucket_bytes)
 
     def save_hf_pretrained(self, model, out_dir: str | os.PathLike, max_shard_bytes: int | None = None) -> str:
         """Write the model, from any parallel layout, as an official checkpoint: safetensors with official
         names and an official-flavour config.json. Call it on every rank: rank 0 receives the tensors one by
         one and writes."""
         chunks = model_chunks(model)
-        items = self.export_hf_weights(chunks, all_ranks=False)
+        items = self.export_hf_weights(chunks, ranks=RANK0)
         if dist.is_initialized() and dist.get_rank() != 0:
             for _ in items:
                 pass

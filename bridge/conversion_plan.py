@@ -159,29 +159,48 @@ class TensorPlan:
             return Slice(sharding.dim, ranks.etp_rank, ranks.etp_size, sharding.glu)
         return Slice(sharding.dim, ranks.tp_rank, ranks.tp_size, sharding.glu)
 
-    def assemble(self, read: ReadShare, part: Slice = WHOLE, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`part` of this tensor from its official sources (in `dtype`, if given).
+    def block(self, tensor: torch.Tensor, index: int) -> torch.Tensor:
+        """The dim-0 block of `tensor` (full, or a rank's share) that official source `index` makes (a view)."""
+        if not self.fused:
+            return tensor
+        rows = tensor.shape[0] // len(self.official)
+        return tensor.narrow(0, index * rows, rows)
+
+    def source_share(self, part: Slice) -> Slice:
+        """The share of each official source that `part` of this tensor holds (a glu share is one per source)."""
+        return Slice(part.dim, part.rank, part.size)
+
+    def assemble(
+        self, read: ReadShare, part: Slice = WHOLE, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`part` of this tensor from its official sources (in `dtype`, if given), or written into `out`.
 
         Each source's share is read once; fused sources are copied into place in one
         tensor, [w1 share; w3 share], which is what a glu split holds.
         """
-        source_part = Slice(part.dim, part.rank, part.size)
+        source_part = self.source_share(part)
         first = read(self.official[0], source_part)
-        dtype = first.dtype if dtype is None else dtype
-        if not self.fused:
-            return first.to(dtype)
-        rows = first.shape[0]
-        out = torch.empty((rows * len(self.official), *first.shape[1:]), dtype=dtype)
-        out[:rows].copy_(first)
-        del first
-        for i, official in enumerate(self.official[1:], start=1):
-            out[i * rows:(i + 1) * rows].copy_(read(official, source_part))
+        if out is None:
+            dtype = first.dtype if dtype is None else dtype
+            if not self.fused:
+                return first.to(dtype)
+            out = torch.empty((first.shape[0] * len(self.official), *first.shape[1:]), dtype=dtype)
+        for i, official in enumerate(self.official):
+            value = first if i == 0 else read(official, source_part)
+            destination = self.block(out, i)
+            if tuple(value.shape) != tuple(destination.shape):
+                raise ValueError(
+                    f"{official}: its share has shape {tuple(value.shape)} but {self.mcore} holds "
+                    f"{tuple(destination.shape)} of it here; does the config match the weights?"
+                )
+            destination.copy_(value)
+            del value
+            first = None
         return out
 
     def split(self, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """The official tensors of a full tensor (views; fused ones are its dim-0 blocks)."""
-        pieces = tensor.chunk(len(self.official), dim=0) if self.fused else (tensor,)
-        return list(zip(self.official, pieces))
+        return [(official, self.block(tensor, i)) for i, official in enumerate(self.official)]
 
 
 # --- the whole model ---------------------------------------------------------------------------------------

@@ -6,9 +6,12 @@ stay silent) and exchange the descriptions once: all ranks then walk the same
 catalogue of the whole model in the same order. For each tensor, the lowest
 describing rank is its source: its tensor- (or expert-tensor-) parallel group
 all-gathers the slices, and the full tensor goes from the source to every rank
-(a broadcast) or to rank 0 only (a send). Only one full tensor is in flight at
-a time: no rank ever holds more of the model than its own part plus one tensor.
-Every rank must consume the stream to its end, since each step is a collective.
+(`ALL`: a broadcast), to rank 0 only (`RANK0`: a send), or stays on the source
+(`OWNER`: each tensor appears on exactly one rank, so each pipeline stage and
+expert-parallel rank yields its own part, with no traffic beyond the tensor-parallel
+all-gather). Only one full tensor is in flight at a time: no rank ever holds more
+of the model than its own part plus one tensor. Every rank must consume the stream
+to its end, since each step is a collective.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from megatron.core import parallel_state
 
 from bridge.conversion_plan import ConversionPlan, RankPosition, Slice, TensorPlan
 from bridge.rank_tensors import RankTensor, rank_tensors
+
+ALL, RANK0, OWNER = "all", "rank0", "owner"
+RECEIVERS = (ALL, RANK0, OWNER)
+"""Which ranks receive the gathered tensors: every rank, global rank 0, or the one rank that sources each."""
 
 SECTIONS = ("embedding.", "decoder.layers.", "decoder.", "output_layer.", "mtp.")
 """Catalogue order, whatever the layout: by section, then layer, then rule, then expert."""
@@ -70,13 +77,15 @@ def _receive_buffer(holding: Holding) -> torch.Tensor:
 
 
 def gather_full_tensors(
-    chunks: list[torch.nn.Module], plan: ConversionPlan, num_experts: int, all_ranks: bool = True
+    chunks: list[torch.nn.Module], plan: ConversionPlan, num_experts: int, receivers: str = ALL
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(global Megatron-Core name, full tensor on the CPU) for every tensor of the model.
+    """(global Megatron-Core name, full tensor) for every tensor of the model, on the ranks `receivers`
+    names (see the module docstring); the other ranks yield nothing but must still iterate.
 
-    With `all_ranks`, every rank gets every tensor; otherwise rank 0 gets them and
-    the other ranks yield nothing (but must still iterate: they send).
+    A tensor a rank holds whole is yielded as the model's own tensor (not a copy).
     """
+    if receivers not in RECEIVERS:
+        raise ValueError(f"receivers {receivers!r}: use one of {RECEIVERS}")
     ranks = RankPosition.current()
     held: dict[str, tuple[RankTensor, torch.Tensor]] = {}
     for chunk in chunks:
@@ -85,7 +94,7 @@ def gather_full_tensors(
     rule_order = {rule: i for i, rule in enumerate(plan.naming.rules)}
     if not dist.is_initialized() or dist.get_world_size() == 1:
         for name in sorted(held, key=lambda n: _catalogue_key(held[n][0].plan, rule_order)):
-            yield name, held[name][1].cpu()
+            yield name, held[name][1]
         return
 
     me = dist.get_rank()
@@ -114,15 +123,18 @@ def gather_full_tensors(
                 parts = [torch.empty_like(local) for _ in holding.group]
                 dist.all_gather(parts, local.contiguous(), group=_group_of(entry))
                 full = holding.slice.joined(parts)
-        if all_ranks:
+        if receivers == OWNER:
+            if me == src:
+                yield name, full
+        elif receivers == ALL:
             full = _receive_buffer(holding) if full is None else full.contiguous()
             dist.broadcast(full, src)
-            yield name, full.cpu()
+            yield name, full
         elif src == 0 and me == 0:
-            yield name, full.cpu()
+            yield name, full
         elif me == src:
             dist.send(full.contiguous(), 0)
         elif me == 0:
             full = _receive_buffer(holding)
             dist.recv(full, src)
-            yield name, full.cpu()
+            yield name, full

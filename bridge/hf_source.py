@@ -31,6 +31,7 @@ from bridge.quantisation import (
     QuantisationError,
     SourceFormat,
     dequantise,
+    dtype_name,
     scale_companions,
     scale_name,
     source_format,
@@ -175,6 +176,16 @@ class HFSource:
         ranges[0] = slice(first_row + ranges[0].start, first_row + ranges[0].stop)
         return self.checkpoint.get(stored.name, (slice(stored.expert, stored.expert + 1), *ranges))[0]
 
+    def format_of(self, official: str) -> SourceFormat | None:
+        """How the checkpoint stores `official` (None if it does not have it)."""
+        stored = self.tensors.get(official)
+        return None if stored is None else stored.format
+
+    def original_scale(self, official: str) -> torch.Tensor | None:
+        """The stored scale of a quantised tensor (None for an unquantised one)."""
+        stored = self.tensors.get(official)
+        return None if stored is None or stored.scale is None else self.checkpoint.get(stored.scale)
+
     def stored_bytes(self, official: str) -> int:
         """Bytes the tensor (and its scale) occupy in the checkpoint."""
         stored = self.tensors[official]
@@ -195,7 +206,8 @@ class HFSource:
 class InMemorySource:
     """The tensors of an in-memory state dict (e.g. a `DeepseekV4ForCausalLM`'s) by official name.
 
-    FP8/FP4 weights with their `.scale` companions are dequantised; shares are views.
+    FP8/FP4 weights with their `.scale` companions are dequantised (their formats are not kept); shares
+    are views.
     """
 
     def __init__(self, state, config: DeepSeekV4HFConfig):
@@ -206,6 +218,13 @@ class InMemorySource:
 
     def names(self) -> list[str]:
         return list(self.tensors)
+
+    def format_of(self, official: str) -> SourceFormat | None:
+        tensor = self.tensors.get(official)
+        return None if tensor is None else SourceFormat(dtype_name(tensor.dtype))
+
+    def original_scale(self, official: str) -> None:
+        return None
 
     def read_share(self, official: str, part: Slice = WHOLE) -> torch.Tensor:
         tensor = self.tensors.get(official)

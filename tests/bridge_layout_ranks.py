@@ -62,8 +62,8 @@ def load_and_export(checkpoint: str, layout: dict, save_dir: str, token_ids: tor
                     held[_global_name(name, chunk, bridge.config.num_routed_experts)] = (
                         tensor.detach().clone(), _slice_description(name, tensor))
         export_all = dict(bridge.export_hf_weights(chunks))
-        export_rank0 = dict(bridge.export_hf_weights(chunks, all_ranks=False))
-        export_in_source_naming = dict(bridge.export_hf_weights(chunks, naming=bridge.naming, all_ranks=False))
+        export_rank0 = dict(bridge.export_hf_weights(chunks, ranks="rank0"))
+        export_in_source_naming = dict(bridge.export_hf_weights(chunks, naming=bridge.naming, ranks="rank0"))
         bridge.save_hf_pretrained(chunks, save_dir)
         for chunk in chunks:
             chunk.eval()
