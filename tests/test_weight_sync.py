@@ -8,6 +8,7 @@ input is refused naming the tensor.
 
 import pytest
 import torch
+from weight_sync_ranks import export_then_update
 
 import megatron_v4
 from bridge import AutoBridge
@@ -15,7 +16,6 @@ from bridge.hf_naming import TRANSFORMERS_MODULE
 from bridge.safetensors_io import SafetensorsCheckpoint
 from bridge.tiny import make_tiny_checkpoint
 from megatron_v4.runtime.ranks import run_on_ranks
-from weight_sync_ranks import export_then_update
 
 BUCKET_BYTES = 20_000  # the tiny fp32 model is ~1.6 MB: dozens of buckets, some tensors bigger than one
 LAYOUTS = {"tp2-ep2": (4, dict(tp=2, ep=2)), "pp2": (2, dict(pp=2))}
@@ -28,8 +28,7 @@ def checkpoints(tmp_path_factory):
     return dict(
         first=make_tiny_checkpoint(root / "first", seed=5),
         second=make_tiny_checkpoint(root / "second", seed=7),
-        second_module=make_tiny_checkpoint(root / "second-module", naming=TRANSFORMERS_MODULE, seed=7,
-                                           with_mtp=True),
+        second_module=make_tiny_checkpoint(root / "second-module", naming=TRANSFORMERS_MODULE, seed=7, with_mtp=True),
         quantised=make_tiny_checkpoint(root / "quantised", seed=5, quantised=True),
     )
 
@@ -76,8 +75,16 @@ def test_bucketed_export_and_in_place_update_at_a_layout(layout, checkpoints, to
     world, sizes = LAYOUTS[layout]
     first = _fresh(checkpoints["first"], token_ids)
     second = _fresh(checkpoints["second"], token_ids)
-    results = run_on_ranks(export_then_update, world, checkpoints["first"], checkpoints["second_module"], sizes,
-                           BUCKET_BYTES, token_ids, timeout=240)
+    results = run_on_ranks(
+        export_then_update,
+        world,
+        checkpoints["first"],
+        checkpoints["second_module"],
+        sizes,
+        BUCKET_BYTES,
+        token_ids,
+        timeout=240,
+    )
     owners = {}
     for rank, result in enumerate(results):
         flat = [pair for bucket in result["buckets"] for pair in bucket]
@@ -105,19 +112,22 @@ def test_release_format_round_trip_and_in_place_load(single_rank, checkpoints):
     bridge = AutoBridge.from_hf_pretrained(checkpoints["quantised"])
     (model,) = bridge.to_megatron_model(dtype=torch.float32)
     reference = {n: t.clone() for n, t in model.state_dict().items() if not n.endswith("_extra_state")}
-    exported = [pair for bucket in bridge.export_hf_weights(model, dtype="source", bucket_bytes=BUCKET_BYTES)
-                for pair in bucket]
+    exported = [
+        pair for bucket in bridge.export_hf_weights(model, dtype="source", bucket_bytes=BUCKET_BYTES) for pair in bucket
+    ]
     assert any(t.dtype == torch.float8_e4m3fn for _, t in exported) and any(t.dtype == torch.int8 for _, t in exported)
     _assert_same_bytes(dict(exported), source, "re-quantised export vs the FP8/FP4 checkpoint")
 
     other = AutoBridge.from_hf_pretrained(checkpoints["first"])
     pointers = {n: t.data_ptr() for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)}
     other.load_hf_weights(model, _read(checkpoints["first"]))
-    assert not torch.equal(model.state_dict()["embedding.word_embeddings.weight"],
-                           reference["embedding.word_embeddings.weight"])
+    assert not torch.equal(
+        model.state_dict()["embedding.word_embeddings.weight"], reference["embedding.word_embeddings.weight"]
+    )
     bridge.load_hf_weights(model, iter(exported))  # FP8/FP4 with their scales, as a stream
-    assert pointers == {n: t.data_ptr() for n, t in model.state_dict(keep_vars=True).items()
-                        if isinstance(t, torch.Tensor)}
+    assert pointers == {
+        n: t.data_ptr() for n, t in model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)
+    }
     for name, tensor in reference.items():
         assert torch.equal(model.state_dict()[name], tensor), f"{name}: in-place load differs from a fresh load"
     bf16 = dict(bridge.export_hf_weights(model, dtype="bf16"))

@@ -17,13 +17,19 @@ def export_then_update(checkpoint: str, update: str, layout: dict, bucket_bytes:
     try:
         bridge = AutoBridge.from_hf_pretrained(checkpoint)
         chunks = bridge.to_megatron_model(dtype=torch.float32)
-        buckets = [[(n, t.clone()) for n, t in bucket] for bucket in
-                   bridge.export_hf_weights(chunks, bucket_bytes=bucket_bytes)]
+        buckets = [
+            [(n, t.clone()) for n, t in bucket]
+            for bucket in bridge.export_hf_weights(chunks, bucket_bytes=bucket_bytes)
+        ]
         owned = {n: t.clone() for n, t in bridge.export_hf_weights(chunks, ranks="owner")}
 
         def addresses():
-            return {n: t.data_ptr() for c in chunks for n, t in c.state_dict(keep_vars=True).items()
-                    if isinstance(t, torch.Tensor)}
+            return {
+                n: t.data_ptr()
+                for c in chunks
+                for n, t in c.state_dict(keep_vars=True).items()
+                if isinstance(t, torch.Tensor)
+            }
 
         before = addresses()
         sent = SafetensorsCheckpoint(update).items()
