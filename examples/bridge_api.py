@@ -31,6 +31,8 @@ input_ids = torch.randint(0, bridge.config.vocab_size, (1, 16), generator=torch.
 logits = megatron_v4.forward_logits(model, input_ids)          # [batch, seq, vocab] on every rank
 print(f"logits {tuple(logits.shape)}, first row argmax {logits[0].argmax(-1).tolist()}")
 tensors = sum(1 for _ in bridge.export_hf_weights(model))      # full tensors, official names, any layout
+buckets = bridge.export_hf_weights(model, bucket_bytes=1 << 20)  # RL weight sync: lists of up to 1 MB of tensors
+bridge.load_hf_weights(model, buckets)                          # in place, from any (name, tensor) iterable
 bridge.save_hf_pretrained(model, f"{args.workdir}/hf-out")     # official safetensors + config.json (rank 0 writes)
 print(f"exported {tensors} tensors to {args.workdir}/hf-out")
 megatron_v4.destroy()
