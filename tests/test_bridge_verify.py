@@ -23,9 +23,17 @@ from bridge.tiny import make_tiny_checkpoint, tiny_config, write_release_like_ch
 
 WRONG_DECODINGS = {
     # id: (official tensor, the failing part verify must name, the tensor group it must point to)
-    "fp4-nibbles-swapped": ("layers.3.ffn.experts.1.w1.weight", "layer 3 moe", "layers.3.ffn.*"),
+    "fp4-nibbles-swapped": (
+        "layers.3.ffn.experts.1.w1.weight",
+        "layer 3 moe",
+        "layers.3.ffn.*",
+    ),
     # (not wq_b, whose scale the per-head RMSNorm after it cancels: verify rightly passes that)
-    "fp8-scale-doubled": ("layers.2.attn.wo_a.weight", "layer 2 attention", "layers.2.attn.*"),
+    "fp8-scale-doubled": (
+        "layers.2.attn.wo_a.weight",
+        "layer 2 attention",
+        "layers.2.attn.*",
+    ),
 }
 
 
@@ -37,7 +45,10 @@ def _misdecoding(target: str):
         if official != target:
             return read(self, official, dequantised_dtype)
         stored = self.tensors[official]
-        weight, scale = self.checkpoint.get(stored.name), self.checkpoint.get(stored.scale)
+        weight, scale = (
+            self.checkpoint.get(stored.name),
+            self.checkpoint.get(stored.scale),
+        )
         if stored.format.quant == FP4:
             nibbles = weight.view(torch.uint8)
             weight = ((nibbles << 4) | (nibbles >> 4)).view(torch.int8)
@@ -50,7 +61,9 @@ def _misdecoding(target: str):
 
 
 @pytest.mark.parametrize("case", list(WRONG_DECODINGS))
-def test_verify_names_a_tensor_import_decoded_wrongly(tmp_path, monkeypatch, capsys, case):
+def test_verify_names_a_tensor_import_decoded_wrongly(
+    tmp_path, monkeypatch, capsys, case
+):
     target, part, group = WRONG_DECODINGS[case]
     hf, good, bad = tmp_path / "hf", tmp_path / "good", tmp_path / "bad"
     make_tiny_checkpoint(hf, seed=2, quantised=True)
@@ -58,7 +71,16 @@ def test_verify_names_a_tensor_import_decoded_wrongly(tmp_path, monkeypatch, cap
     with monkeypatch.context() as patched:
         patched.setattr(HFSource, "read", _misdecoding(target))
         convert.import_checkpoint(hf, bad, torch.bfloat16, progress=False)
-    verify = ["verify", "--hf", str(hf), "--sequences", "2", "--seq-len", "40", "--quiet"]
+    verify = [
+        "verify",
+        "--hf",
+        str(hf),
+        "--sequences",
+        "2",
+        "--seq-len",
+        "40",
+        "--quiet",
+    ]
     assert cli([*verify, "--mcore", str(good)]) == 0
     capsys.readouterr()
     assert cli([*verify, "--mcore", str(bad)]) == 3
@@ -67,7 +89,12 @@ def test_verify_names_a_tensor_import_decoded_wrongly(tmp_path, monkeypatch, cap
     assert err.startswith(f"error: {part} differs") and group in err, err
     # the layers before it pass: the difference is located, not smeared over the model
     layer = int(part.split()[1])
-    assert cli([*verify, "--mcore", str(bad), "--layers", ",".join(map(str, range(layer)))]) == 0
+    assert (
+        cli(
+            [*verify, "--mcore", str(bad), "--layers", ",".join(map(str, range(layer)))]
+        )
+        == 0
+    )
 
 
 # A checkpoint of 0.49 GB in the release formats whose routed experts dominate: 4 layers of 12 experts
@@ -101,15 +128,39 @@ def test_verify_memory_stays_near_one_layer(tmp_path):
     write_release_like_checkpoint(hf, LARGE, max_shard_bytes=256 << 20)
     convert.import_checkpoint(hf, mcore, torch.bfloat16, progress=False)
     source = HFSource(hf)
-    numel = {name: torch.Size(stored.shape).numel() for name, stored in source.tensors.items()}
+    numel = {
+        name: torch.Size(stored.shape).numel()
+        for name, stored in source.tensors.items()
+    }
     total = sum(numel.values())
-    layer = max(sum(n for name, n in numel.items() if name.startswith(f"layers.{i}.")) for i in range(4))
+    layer = max(
+        sum(n for name, n in numel.items() if name.startswith(f"layers.{i}."))
+        for i in range(4)
+    )
     ends = max(numel["embed.weight"], numel["head.weight"])
     disk = sum(f.stat().st_size for f in hf.iterdir())
     assert 0.4e9 < disk < 0.5e9 and layer > total / 5
 
-    done = subprocess.run([sys.executable, "-c", PEAK_CHILD, "verify", "--hf", str(hf), "--mcore", str(mcore),
-                           "--sequences", "2", "--seq-len", "32", "--quiet"], capture_output=True, text=True)
+    done = subprocess.run(
+        check=False,
+        args=[
+            sys.executable,
+            "-c",
+            PEAK_CHILD,
+            "verify",
+            "--hf",
+            str(hf),
+            "--mcore",
+            str(mcore),
+            "--sequences",
+            "2",
+            "--seq-len",
+            "32",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["code"] == 0, done.stderr[-2000:]
     # One side's layer at a time, in fp32 (4 B a parameter), while the reference's decoded tensors (FP4 in
@@ -117,8 +168,12 @@ def test_verify_memory_stays_near_one_layer(tmp_path):
     # freed memory the allocator has not yet returned: 5 fp32 copies of a layer (4.3 measured).
     bound = result["start_up"] + START_UP_ALLOWANCE + 5 * 4 * layer + 4 * ends
     used = result["peak"] - result["start_up"]
-    print(f"verify of {total / 1e6:.0f}M parameters ({disk / 1e9:.2f} GB): peak RSS {result['peak'] / 1e9:.2f} GB "
-          f"({used / total:.2f} B/parameter above the {result['start_up'] / 1e9:.2f} GB start-up); bound "
-          f"{bound / 1e9:.2f} GB")
+    print(
+        f"verify of {total / 1e6:.0f}M parameters ({disk / 1e9:.2f} GB): peak RSS {result['peak'] / 1e9:.2f} GB "
+        f"({used / total:.2f} B/parameter above the {result['start_up'] / 1e9:.2f} GB start-up); bound "
+        f"{bound / 1e9:.2f} GB"
+    )
     assert result["peak"] <= bound
-    assert used < 12 * total / 2  # the whole-model verify took 12 B/parameter, and more with more layers
+    assert (
+        used < 12 * total / 2
+    )  # the whole-model verify took 12 B/parameter, and more with more layers
