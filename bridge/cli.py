@@ -2,7 +2,7 @@
 
     python -m bridge import --hf DIR --out DIR [--dtype bf16|fp32] [--force] [--allow-nonfinite]
     python -m bridge export --mcore DIR --out DIR [--dtype source|bf16] [--iteration N] [--force] [--allow-nonfinite]
-    python -m bridge verify --hf DIR --mcore DIR [--iteration N] [--sequences 3 --seq-len 48]
+    python -m bridge verify --hf DIR --mcore DIR [--layers all|0,3] [--iteration N] [--sequences 3 --seq-len 48]
     python -m bridge slice --hf DIR --config SMALL.json --out DIR [--layers 0,2,..] [--experts gate-norm|first|FILE]
 
 `--mcore` is an import output, or a `pretrain.py --save` directory (its latest iteration, or
@@ -10,8 +10,8 @@
 
 Every failure is one line on stderr naming the file, tensor or key: exit code 2 for a usage
 mistake, 1 for a failed conversion, 130 for Ctrl-C (`--verbose` or BRIDGE_DEBUG=1 shows the
-traceback); a failed conversion leaves no output directory. `verify` exits with 3 when the
-logits disagree. Arguments are checked before PyTorch and Megatron-Core are imported, `--out` among
+traceback); a failed conversion leaves no output directory. `verify` exits with 3 when a
+layer's outputs or the logits disagree, naming the first layer and tensor group that does. Arguments are checked before PyTorch and Megatron-Core are imported, `--out` among
 them: an empty one, the current, home or root directory, or one overlapping an input is refused.
 """
 
@@ -38,6 +38,16 @@ IMPORT_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 EXIT_MISMATCH = 3
 
 
+def _verify_layers(text: str) -> list[int] | None:
+    """`--layers` of verify: `all` -> None, else the layer numbers."""
+    if text == "all":
+        return None
+    layers = slice_command.layer_list(text)
+    if min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: layer numbers start at 0")
+    return layers
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m bridge", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -60,17 +70,22 @@ def _parser() -> argparse.ArgumentParser:
                      help="safetensors shard size (default: the source's largest shard, else 1 GB)")
     exp.add_argument("--force", action="store_true", help="replace --out if it exists")
 
-    ver = commands.add_parser("verify", help="logits of transformers (HF checkpoint) vs Megatron-Core (imported)")
+    ver = commands.add_parser("verify", help="transformers (HF checkpoint) vs Megatron-Core (imported), layer by layer")
     ver.add_argument("--hf", required=True)
     ver.add_argument("--mcore", required=True)
+    ver.add_argument("--layers", type=_verify_layers, default=None,
+                     help="all (default: every layer, then the logits) or the layers to compare, e.g. 0,3")
     ver.add_argument("--iteration", type=int, help="with a --save directory: the iteration (default: latest)")
     ver.add_argument("--sequences", type=int, default=3)
     ver.add_argument("--seq-len", type=int, default=48)
+    ver.add_argument("--rtol", type=float,
+                     help="a layer's outputs pass when max |diff| <= rtol * max |reference| (default 1e-2)")
     ver.add_argument("--min-cosine", type=float, default=0.999)
     ver.add_argument("--min-argmax", type=float, default=0.99, help="fraction of positions with the same argmax")
 
-    for sub in (imp, exp):
+    for sub in (imp, exp, ver):
         sub.add_argument("--quiet", action="store_true", help="no progress line")
+    for sub in (imp, exp):
         sub.add_argument("--allow-nonfinite", action="store_true",
                          help="convert weights holding NaN or Inf (refused by default, naming the tensor)")
     slice_command.add_parser(commands)
@@ -105,11 +120,23 @@ def run(args: argparse.Namespace) -> int:
               f"in {len(report.files)} file(s), {report.seconds:.1f} s -> {args.out}"
               + (f"; {report.carried} carried tensors written back unchanged" if report.carried else ""))
         return 0
-    report = convert.verify(args.hf, args.mcore, args.sequences, args.seq_len, iteration=args.iteration)
-    ok = report.passed(args.min_cosine, args.min_argmax)
-    print(f"verify: {report.sequences}x{report.seq_len} tokens, max |diff| {report.max_abs_diff:.3g} "
-          f"(max |logit| {report.max_abs_logit:.3g}), min cosine {report.min_cosine:.6f}, "
-          f"argmax agreement {report.argmax_agreement:.4f}: {'OK' if ok else 'MISMATCH'}")
+    from bridge import verify
+
+    report = verify.verify(args.hf, args.mcore, args.sequences, args.seq_len, iteration=args.iteration,
+                           layers=args.layers, progress=not args.quiet)
+    rtol = verify.DEFAULT_RTOL if args.rtol is None else args.rtol
+    ok = report.passed(rtol, args.min_cosine, args.min_argmax)
+    worst = max(report.comparisons, key=lambda c: c.relative)
+    print(f"verify: {report.sequences}x{report.seq_len} tokens, {len(report.layers)} layer(s); largest max |diff| / "
+          f"max |reference|: {worst.relative:.3g} ({worst.part})"
+          + (f"; logits: min cosine {report.min_cosine:.6f}, argmax agreement {report.argmax_agreement:.4f}"
+             if report.min_cosine is not None else "")
+          + f"; peak RSS {report.peak_rss_bytes / 1e9:.2f} GB: {'OK' if ok else 'MISMATCH'}")
+    failures = report.failures(rtol)
+    if failures:
+        first = failures[0]
+        print(f"error: {first.part} differs (max |diff| {first.max_abs_diff:.3g}, max |reference| "
+              f"{first.max_abs_reference:.3g}); check the tensors {first.tensors}", file=sys.stderr)
     return 0 if ok else EXIT_MISMATCH
 
 

@@ -12,7 +12,8 @@ EXPERT_RULES = (GATE_NORM, FIRST)
 SLICE_DTYPES = ("bf16", "source")
 
 
-def _layer_list(text: str) -> list[int]:
+def layer_list(text: str) -> list[int]:
+    """`--layers 0,2,5` -> [0, 2, 5]."""
     try:
         return [int(n) for n in text.split(",")]
     except ValueError:
@@ -25,7 +26,7 @@ def add_parser(commands) -> argparse.ArgumentParser:
     sub.add_argument("--hf", required=True, help="source checkpoint directory (any naming, FP8/FP4 read)")
     sub.add_argument("--config", required=True, help="config.json of the smaller model (either flavour)")
     sub.add_argument("--out", required=True, help="checkpoint directory to create (official naming)")
-    sub.add_argument("--layers", type=_layer_list,
+    sub.add_argument("--layers", type=layer_list,
                      help="source layer of each slice layer, e.g. 0,1,3,5 (default: an even stride)")
     sub.add_argument("--experts", default=GATE_NORM,
                      help="gate-norm (largest gate rows, default), first, or a JSON file of source expert ids "

@@ -260,3 +260,62 @@ def make_tiny_checkpoint(
         state = quantise_like_release(state, seed, fp8_block, fp8_scale_dtype)
     write_safetensors(state.items(), out_dir, max_shard_bytes=max_shard_bytes)
     return out_dir
+
+
+# --- release-sized checkpoints, streamed -----------------------------------------------------------
+def official_shapes(cfg: DeepSeekV4HFConfig) -> dict[str, torch.Size]:
+    """Every official tensor name of `cfg`'s text model and its logical shape (no MTP), from transformers'
+    model built on the meta device."""
+    from transformers import DeepseekV4ForCausalLM
+
+    with torch.device("meta"):
+        model = DeepseekV4ForCausalLM(transformers_config(cfg))
+    official = TRANSLATORS[TRANSFORMERS_MODULE].to_official(model.state_dict().items())
+    return {name: tensor for name, tensor in official}
+
+
+def _random_e8m0(shape, exponent: int, g: torch.Generator) -> torch.Tensor:
+    """E8M0 scales 2^(exponent-1) .. 2^(exponent+1), so neighbouring blocks differ."""
+    return (127 + exponent + torch.randint(-1, 2, shape, generator=g)).to(torch.uint8).view(E8M0)
+
+
+def _random_stored(name: str, meta: torch.Tensor, g: torch.Generator, fp8_block, num_experts: int):
+    """[(name, tensor)] of one official tensor stored as the release stores it, values of a trained model's
+    magnitude (std about 1/sqrt(fan-in)) drawn directly as codes, without quantising anything."""
+    if re.search(FP4_WEIGHTS, name):
+        rows, cols = meta.shape
+        packed = torch.randint(-128, 128, (rows, cols // 2), generator=g, dtype=torch.int8)
+        # uniform e2m1 codes have std 2.9
+        exponent = -round(math.log2(2.9 * math.sqrt(cols)))
+        return [(name, packed), (name.removesuffix(".weight") + ".scale",
+                                 _random_e8m0((rows, cols // FP4_GROUP), exponent, g))]
+    if re.search(FP8_WEIGHTS, name):
+        rows, cols = meta.shape
+        # e4m3 codes with exponents up to 8 (|value| <= 3.75, std about 1), either sign
+        codes = torch.randint(0, 72, (rows, cols), generator=g, dtype=torch.uint8)
+        codes |= torch.randint(0, 2, (rows, cols), generator=g, dtype=torch.uint8) << 7
+        blocks = (-(-rows // fp8_block[0]), -(-cols // fp8_block[1]))
+        return [(name, codes.view(torch.float8_e4m3fn)), (name.removesuffix(".weight") + ".scale",
+                _random_e8m0(blocks, -round(math.log2(math.sqrt(cols))), g))]
+    values = _random_like(name, meta, g, num_experts)
+    return [(name, values.to(release_plain_format(name, values.dtype).torch_dtype))]
+
+
+def write_release_like_checkpoint(out_dir: str | os.PathLike, cfg: DeepSeekV4HFConfig, seed: int = 0,
+                                  max_shard_bytes: int | None = None) -> str:
+    """A random checkpoint of architecture `cfg` in the released formats (FP8 attention and shared experts with
+    128x128 E8M0 block scales, FP4 routed experts, bf16/fp32 elsewhere; no MTP), written one tensor at a
+    time, so any size fits in memory. Returns `out_dir`."""
+    out_dir = os.fspath(out_dir)
+    fp8_block = DEFAULT_FP8_BLOCK
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(fp8_block), "scale_fmt": "ue8m0"}
+    g = torch.Generator().manual_seed(seed)
+
+    def tensors():
+        for name, meta in official_shapes(cfg).items():
+            yield from _random_stored(name, meta, g, fp8_block, cfg.num_routed_experts)
+
+    write_safetensors(tensors(), out_dir, max_shard_bytes=max_shard_bytes)
+    write_official_config(dataclasses.replace(cfg, dtype="bfloat16", quantization_config=quant, expert_dtype="fp4",
+                                              num_nextn_predict_layers=0), out_dir)
+    return out_dir

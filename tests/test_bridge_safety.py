@@ -124,7 +124,7 @@ def _nan_import(tmp):
 
 IMPORT = ["import", "--hf", "{hf}", "--out", "{out}", "--quiet"]
 EXPORT = ["export", "--mcore", "{mcore}", "--out", "{out}", "--quiet"]
-VERIFY = ["verify", "--hf", "{hf}", "--mcore", "{mcore}", "--sequences", "1", "--seq-len", "8"]
+VERIFY = ["verify", "--hf", "{hf}", "--mcore", "{mcore}", "--sequences", "1", "--seq-len", "8", "--quiet"]
 
 CASES = {
     # id: (what is broken: "hf" or "mcore", breaker, command, exit code, named in the error line)
