@@ -87,6 +87,7 @@ from megatron.core.transformer.utils import (
 
 from megatron_v4.compressor import build_replicated_linear
 from megatron_v4.config import CSA, SLIDING, DeepSeekV4TransformerConfig
+from megatron_v4.context_parallel import context_parallel_group, gather_chunks
 from megatron_v4.decode_state import AttentionDecodeState
 from megatron_v4.indexer_loss import IndexerLossAutoScaler, IndexerLossTracker
 from megatron_v4.rope import DeepSeekV4RotaryEmbedding, apply_rotary
@@ -161,15 +162,12 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         **unused_kwargs,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise NotImplementedError(
-                "DeepSeekV4HybridSelfAttention does not support context parallelism; set context_parallel_size=1"
-            )
         self.layer_number = layer_number
         self.compress_ratio = self._resolve_compress_ratio(config, layer_number, compress_ratio)
         self.tp_group = (
             pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
         )
+        self.cp_group = context_parallel_group(pg_collection)
         tp_size = self.tp_group.size()
         if config.num_attention_heads % tp_size:
             raise ValueError(
@@ -287,6 +285,11 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
                 "decoding with an inference_context needs sequence_parallel=False (one new token "
                 "cannot be split over the tensor-parallel ranks); build the model without it"
             )
+        if inference_context is not None and self.cp_group.size() > 1:
+            raise NotImplementedError(
+                "decoding with an inference_context needs context_parallel_size=1 (the decode state "
+                "holds the whole sequence); prefill and decode without context parallelism"
+            )
         if inference_context is not None and inference_context.attention_state(self) is not None:
             return self._decode(hidden_states, position_ids, inference_context.attention_state(self))
         if self.config.sequence_parallel:
@@ -302,7 +305,12 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         query = self.linear_q_up_proj(q_compressed)[0].view(seq_len, batch, self.local_heads, self.head_dim)
         query = apply_rotary(per_head_rms_normalize(query, self.config.layernorm_epsilon), head_cos, head_sin)
 
-        key_value = apply_rotary(self.kv_layernorm(self.linear_kv(hidden_states)[0]), cos, sin)
+        # The key side: this chunk, or under context parallelism every token up to its end.
+        key_states, key_positions = self._key_prefix(hidden_states, positions)
+        window_start = max(key_states.shape[0] - seq_len - (self.window - 1), 0)
+        window_states = key_states[window_start:]
+        window_cos, window_sin = self.rotary(key_positions[window_start:])
+        key_value = apply_rotary(self.kv_layernorm(self.linear_kv(window_states)[0]), window_cos, window_sin)
         key_value = copy_to_tensor_model_parallel_region(key_value, group=self.tp_group)
 
         entries = picks = index_keys = None
@@ -314,10 +322,10 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             and torch.is_grad_enabled()
         )
         if self.compressor is not None:
-            entries = copy_to_tensor_model_parallel_region(self.compressor(hidden_states), group=self.tp_group)
+            entries = copy_to_tensor_model_parallel_region(self.compressor(key_states), group=self.tp_group)
         if self.topk_attention or indexer_loss_on:
             # Detached: the indexer's keys get gradient from the indexer loss alone.
-            index_keys = self.indexer.compressor(hidden_states.detach())
+            index_keys = self.indexer.compressor(key_states.detach())
         if self.topk_attention:
             picks = self.indexer(hidden_states, q_compressed, positions, index_keys)
         if inference_context is not None:
@@ -330,6 +338,20 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             output = IndexerLossAutoScaler.apply(output, loss)
         return output, bias
 
+    def _key_prefix(self, hidden_states, positions):
+        """The inputs and positions of the tokens this rank's queries may read: its own chunk, or under
+        context parallelism every token from the sequence start to the end of its chunk.
+
+        The all-gather's backward reduce-scatters: each rank's chunk collects the gradient that every
+        rank's keys, compressors and indexer send to it."""
+        if self.cp_group.size() == 1:
+            return hidden_states, positions
+        end = (self.cp_group.rank() + 1) * hidden_states.shape[0]
+        sequence = gather_from_sequence_parallel_region(
+            hidden_states, tensor_parallel_output_grad=True, group=self.cp_group
+        )
+        return sequence[:end], gather_chunks(positions, 0, self.cp_group)[:end]
+
     def _indexer_loss(self, hidden_states, q_compressed, positions, index_keys, entry_probabilities, picks):
         """This micro-batch's indexer loss (`megatron_v4.indexer_loss`), recorded for logging."""
         with torch.no_grad():
@@ -339,7 +361,9 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         kl = self.indexer.distillation_loss(hidden_states, q_compressed, positions, index_keys, teacher_mass, picks)
         # The whole sequence (gathered under sequence parallelism): every tensor-parallel rank holds
         # the same loss and back-propagates it into its own indexer heads.
+        # Under context parallelism this rank's queries are one chunk of the sequence: its share of the loss.
         seq_len, batch = positions.shape
+        seq_len *= self.cp_group.size()
         loss = kl * (self.config.indexer_loss_coeff / (seq_len * batch))
         IndexerLossTracker.record(self.layer_number, loss)
         return loss
@@ -462,17 +486,19 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         """Scores of each query against the keys of its block of W queries.
 
         Block i holds queries iW .. iW+W-1; they can reach keys iW-W+1 .. iW+W-1, 2W-1 of
-        them. Returns scores [s, b, H, 2W-1] (float32), the visibility mask
-        [s, 1, 1, 2W-1] and the blocked keys [blocks, b, c, 2W-1].
+        them. `key_value` holds the queries' own rows, preceded by up to W-1 earlier rows (the
+        previous context-parallel chunk's last tokens). Returns scores [s, b, H, 2W-1] (float32),
+        the visibility mask [s, 1, 1, 2W-1] and the blocked keys [blocks, b, c, 2W-1].
         """
         seq_len = query.shape[0]
+        earlier_rows = key_value.shape[0] - seq_len
         window = self.window
         num_blocks = -(-seq_len // window)
         padded_len = num_blocks * window
         span = 2 * window - 1
         padded_query = F.pad(query, (0, 0, 0, 0, 0, 0, 0, padded_len - seq_len))
-        # window - 1 zero keys in front give block 0 its (masked) left context.
-        padded_keys = F.pad(key_value, (0, 0, 0, 0, window - 1, padded_len - seq_len))
+        # Zero keys in front complete block 0's left context (masked: they precede the sequence).
+        padded_keys = F.pad(key_value, (0, 0, 0, 0, window - 1 - earlier_rows, padded_len - seq_len))
         blocked_keys = padded_keys.unfold(0, span, window)  # [blocks, b, c, span]
         blocked_query = padded_query.view(num_blocks, window, *query.shape[1:])
         scores = torch.einsum("nqbhc,nbcl->nqbhl", blocked_query, blocked_keys).float() * self.scale
@@ -485,7 +511,7 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             + torch.arange(span, device=device).view(1, 1, span)
         )
         distance = query_position - key_position
-        visible = (distance >= 0) & (distance < window) & (key_position >= 0)
+        visible = (distance >= 0) & (distance < window) & (key_position >= -earlier_rows)
         scores = scores.flatten(0, 1)[:seq_len]
         visible = visible.flatten(0, 1)[:seq_len].view(seq_len, 1, 1, span)
         return scores, visible, blocked_keys
