@@ -2,7 +2,7 @@
 
 Every run starts from the same weights: a tiny random Hugging Face checkpoint converted to `torch_dist`
 with the bridge, which each layout loads resharded (`--load`). Checked:
-- 20 steps at EP=2, PP=2 and TP=2 (with sequence parallelism) give the losses and gradient norms of one
+- 20 steps at EP=2, PP=2, TP=2 (with sequence parallelism) and CP=2 give the losses and gradient norms of one
   rank (fp32, 1e-4 relative), MTP loss included;
 - the aux-loss-free expert biases move by whole multiples of the update rate (finalize_model_grads);
 - a run stopped at step 10 and resumed from its checkpoint gives the uninterrupted run's remaining
@@ -56,6 +56,7 @@ def _relative(a: float, b: float) -> float:
         pytest.param(["--ep", "2"], id="ep2"),
         pytest.param(["--pp", "2"], id="pp2"),
         pytest.param(["--tp", "2", "--sp"], id="tp2-sp"),
+        pytest.param(["--cp", "2"], id="cp2"),
     ],
 )
 def test_layout_matches_one_rank(converted, one_rank, layout):
