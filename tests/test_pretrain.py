@@ -73,6 +73,20 @@ def test_layout_matches_one_rank(converted, one_rank, layout):
     assert grad_worst <= 1e-4
 
 
+def test_checkpoint_saved_at_cp2_resumes_at_one_rank(converted, one_rank, tmp_path):
+    """Checkpoints do not depend on the context-parallel size: a run stopped at step 10 at CP=2 and resumed
+    on one rank continues as the one-rank run does (model, Adam state, schedule, data position)."""
+    launch(2, COMMON + ["--load", converted, "--cp", "2", "--save", str(tmp_path), "--exit-after", "10"])
+    resumed = launch(1, COMMON + ["--load", str(tmp_path)])
+    expected = one_rank["history"][10:]
+    assert [m["step"] for m in resumed] == [m["step"] for m in expected]
+    loss_worst = max(_relative(r["loss"], e["loss"]) for r, e in zip(resumed, expected))
+    grad_worst = max(_relative(r["grad_norm"], e["grad_norm"]) for r, e in zip(resumed, expected))
+    print(f"resumed at one rank from CP=2: worst relative difference loss {loss_worst:.2e}, grad norm {grad_worst:.2e}")
+    assert loss_worst <= 1e-4
+    assert grad_worst <= 1e-4
+
+
 def _tensors(checkpoint_dir: str, tmp_path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
