@@ -153,8 +153,8 @@ class DeepSeekV4Model(LanguageModule):
         """input_ids [batch, seq] -> logits [batch, seq, vocab], or per-token loss [batch, seq] with labels.
 
         position_ids default to 0..seq-1 (under context parallelism, `input_ids` is this rank's contiguous
-        chunk of the sequence and they default to the chunk's positions in it). `loss_mask` [batch, seq] masks the MTP loss; the
-        returned main loss is unmasked (the caller's loss function masks it, as with GPTModel).
+        chunk of the sequence and they default to the chunk's positions in it). `loss_mask` [batch, seq]
+        masks the MTP loss; the returned main loss is unmasked (the caller's loss function masks it, as with GPTModel).
         `decoder_input` replaces the embedding on the first stage.
         `inference_context` (a `megatron_v4.inference.DeepSeekV4InferenceContext`) makes the attention
         layers keep / use their decode state; positions then default to start at its
