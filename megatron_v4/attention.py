@@ -60,7 +60,18 @@ exactly as without sequence parallelism (its sublayers are built with
 sequence-parallel gradient all-reduce); the gather's backward keeps this rank's
 slice of the (already complete) input gradient. `linear_proj` is the row-parallel
 exit: it reduce-scatters the output back to this rank's slice of the sequence.
-Context parallelism is not supported.
+Context parallelism (`megatron_v4.context_parallel`): each CP rank holds a contiguous
+chunk of the sequence. The attention all-gathers its input over the CP group
+(Megatron-Core's `gather_from_sequence_parallel_region` on the CP group: backward
+reduce-scatter, so each chunk collects the gradient every rank's key side sends it),
+then computes the queries for its own chunk only, the window keys for the chunk and
+the W-1 tokens before it, and the compressed entries and indexer keys for every
+token from the sequence start to the chunk's end (entries whose window straddles a
+chunk boundary come out whole). That is exact and simple, not minimal: per rank the
+queries, scores and window keys are 1/cp of the work, but the gathered input
+([s, b, D], transient) and the compressors' ~4*coff*c*D FLOPs per prefix token are
+not (the last rank compresses the whole sequence). Exchanging only the halo and
+all-gathering the entries would bring those down too.
 
 Decoding: with an `inference_context` (`megatron_v4.inference.DeepSeekV4InferenceContext`)
 the first forward of a sequence is the ordinary computation above and also keeps the

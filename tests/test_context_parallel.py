@@ -17,8 +17,14 @@ import dsv4_layout_ranks as ranks
 from megatron_v4.runtime.ranks import run_on_ranks
 from test_model_layouts import _check_logits, _check_training
 
-# The sparse indexer loss (top-k attention) trains the indexer: its own gradient path through the gathered keys.
-INDEXER_LOSS = dict(indexer_loss_coeff=0.1, indexer_use_sparse_loss=True)
+# The sparse indexer loss (top-k attention) trains the indexer: its own gradient path through the gathered
+# keys. index_topk covers every entry: with random weights the indexer's scores nearly tie, and a pick
+# flipped by fp32 reduction order (a discrete change) would differ by more than any tolerance; the picks
+# still go through the top-k path (gathered per query, invisible ones dropped).
+INDEXER_LOSS = dict(indexer_loss_coeff=0.1, indexer_use_sparse_loss=True, index_topk=64)
+# Adam turns the indexer's tiny loss gradients into full-size steps: its weights after three steps
+# differ by 2.4e-5 at TP=2+SP too (an existing layout), so weights are checked at 1e-4 here.
+WEIGHT_TOLERANCE = 1e-4
 ONE_STAGE = {((1, 2, 3, 4),)}
 TWO_STAGES = {((1, 2),), ((3, 4),)}
 # (ranks, initialize() arguments, the decoder layers of each rank's chunks)
@@ -44,7 +50,7 @@ def test_context_parallel_trains_like_one_rank(reference, tag):
     results = run_on_ranks(ranks.train, world, layout, reference["initial"], INDEXER_LOSS, timeout=240)
     assert {tuple(map(tuple, result["stage_layers"])) for result in results} == placement
     _check_logits(results, reference, tag)
-    _check_training(results, reference, tag)
+    _check_training(results, reference, tag, weight_tolerance=WEIGHT_TOLERANCE)
     indexer = max(
         abs(a - b) / abs(b) for result in results for a, b in zip(result["indexer_losses"], reference["indexer_losses"])
     )

@@ -106,7 +106,7 @@ def forward_logits(
             data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
             model=chunks,
             num_microbatches=num_microbatches,
-            seq_length=seq,
+            seq_length=full_seq,  # the schedules divide it by the CP (and, under SP, TP) size
             micro_batch_size=pipeline_micro_batch_size(config, micro_batch_size),
             forward_only=True,
             collect_non_loss_data=True,
