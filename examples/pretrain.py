@@ -1,4 +1,4 @@
-"""Pretrain (or continue training) DeepSeek-V4 with Megatron-Core: TP/SP, EP, PP and DP.
+"""Pretrain (or continue training) DeepSeek-V4 with Megatron-Core: TP/SP, CP, EP, PP and DP.
 
     python examples/pretrain.py                                  # tiny model, mock data, CPU, < 1 min
     torchrun --nproc-per-node 8 examples/pretrain.py --tp 2 --ep 4 --pp 2 \\
@@ -39,11 +39,13 @@ OPTIMIZERS = ("adam", "muon", "dist_muon")
 
 def parse_args(argv: list[str] | None = None):
     p = ArgumentParser(prog="pretrain.py", description=__doc__)
-    g = p.add_argument_group("parallel layout (world size = tp * pp * dp; ep divides dp * tp)")
+    g = p.add_argument_group("parallel layout (world size = tp * pp * cp * dp; ep divides dp * cp * tp)")
     g.add_argument("--tp", type=int, default=1,
                    help="tensor parallel size; > 1 turns on sequence parallelism (Megatron-Core's MoE needs it)")
     g.add_argument("--sp", action="store_true", help="sequence parallelism (implied by --tp > 1)")
     g.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    g.add_argument("--cp", "--context-parallel-size", dest="cp", type=int, default=1,
+                   help="context parallel size: every sequence split into cp contiguous chunks")
     g.add_argument("--ep", type=int, default=1, help="expert parallel size")
     g.add_argument("--etp", type=int, default=1, help="expert tensor parallel size")
     g.add_argument("--moe-dispatcher", choices=["allgather", "alltoall"], default="alltoall",
@@ -130,7 +132,12 @@ def parse_args(argv: list[str] | None = None):
 
 def check_args(args):
     """Mistakes a user makes, answered before PyTorch and Megatron-Core are imported."""
-    check_world_size("examples/pretrain.py", tp=args.tp, pp=args.pp)
+    check_world_size("examples/pretrain.py", tp=args.tp, pp=args.pp, cp=args.cp)
+    if args.seq_length % (args.cp * (args.tp if args.sp or args.tp > 1 else 1)):
+        raise UsageError(
+            f"--seq-length {args.seq_length} is not divisible by cp * tp = {args.cp} * {args.tp} (context and "
+            "sequence parallelism split it); choose a multiple"
+        )
     if args.hf:
         existing_directory(args.hf, "--hf")
     if args.load:
@@ -150,7 +157,7 @@ def check_args(args):
             )
     if args.data_path and args.text_file:
         raise UsageError("--data-path and --text-file both give the data; choose one")
-    dp = world_size() // (args.tp * args.pp)
+    dp = world_size() // (args.tp * args.pp * args.cp)
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise UsageError(
             f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size * dp = "

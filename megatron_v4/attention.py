@@ -20,12 +20,20 @@ of visible compressed entries, n_I/c_I indexer heads/width). No [seq, seq]
 score matrix is ever built: queries are processed in blocks of W, each block
 reading the 2W-1 keys its window can reach.
 
+Memory: the softmax runs over chunks of ATTENTION_CHUNK queries, each under
+activation checkpointing (`torch.utils.checkpoint`, non-reentrant). The scores,
+probabilities and gathered entries of a chunk exist only while it is computed,
+and the backward recomputes them chunk by chunk, so a layer keeps for the
+backward only per-token vectors (O(s*(H*c + D)), no O(s*k*c) gather, no O(s*H*(W+k))
+probabilities) and the transient peak is one chunk's ~C*(k*c + H*(2W + k)) floats.
+The price is one more evaluation of the scores and outputs in the backward.
+
 - sliding: scores/probabilities H*(2W-1); ~4*H*c*(2W-1) FLOPs (QK and PV, about
   twice the minimal 4*H*c*W because a block reads the union of its windows);
   key/value memory: the blocked copy of the single KV head, ~2*c per token.
 - CSA: sliding + indexer + k entries. Indexer: ~2*n_I*c_I*n FLOPs, transient
   n_I*n scores (128 queries at a time, no autograd); attention: the k picked
-  entries are gathered per query (k*c memory, kept for backward), H*k scores,
+  entries are gathered per query (k*c memory, one chunk at a time), H*k scores,
   ~4*H*c*k FLOPs. n ~ t/4 for query t.
 - HCA: sliding + all n ~ t/128 entries (shared by all queries, no gather):
   H*n scores, ~4*H*c*n FLOPs.
@@ -52,7 +60,18 @@ exactly as without sequence parallelism (its sublayers are built with
 sequence-parallel gradient all-reduce); the gather's backward keeps this rank's
 slice of the (already complete) input gradient. `linear_proj` is the row-parallel
 exit: it reduce-scatters the output back to this rank's slice of the sequence.
-Context parallelism is not supported.
+Context parallelism (`megatron_v4.context_parallel`): each CP rank holds a contiguous
+chunk of the sequence. The attention all-gathers its input over the CP group
+(Megatron-Core's `gather_from_sequence_parallel_region` on the CP group: backward
+reduce-scatter, so each chunk collects the gradient every rank's key side sends it),
+then computes the queries for its own chunk only, the window keys for the chunk and
+the W-1 tokens before it, and the compressed entries and indexer keys for every
+token from the sequence start to the chunk's end (entries whose window straddles a
+chunk boundary come out whole). That is exact and simple, not minimal: per rank the
+queries, scores and window keys are 1/cp of the work, but the gathered input
+([s, b, D], transient) and the compressors' ~4*coff*c*D FLOPs per prefix token are
+not (the last rank compresses the whole sequence). Exchanging only the halo and
+all-gathering the entries would bring those down too.
 
 Decoding: with an `inference_context` (`megatron_v4.inference.DeepSeekV4InferenceContext`)
 the first forward of a sequence is the ordinary computation above and also keeps the
@@ -84,12 +103,18 @@ from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
 )
+from torch.utils.checkpoint import checkpoint
 
 from megatron_v4.compressor import build_replicated_linear
 from megatron_v4.config import CSA, SLIDING, DeepSeekV4TransformerConfig
+from megatron_v4.context_parallel import context_parallel_group, gather_chunks
 from megatron_v4.decode_state import AttentionDecodeState
 from megatron_v4.indexer_loss import IndexerLossAutoScaler, IndexerLossTracker
 from megatron_v4.rope import DeepSeekV4RotaryEmbedding, apply_rotary
+
+# Queries attended at once (see `_attend`): bounds the transient scores, probabilities and gathered
+# entries to this many queries' worth, and is the unit the backward recomputes.
+ATTENTION_CHUNK = 256
 
 
 @dataclass
@@ -161,15 +186,12 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         **unused_kwargs,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size > 1:
-            raise NotImplementedError(
-                "DeepSeekV4HybridSelfAttention does not support context parallelism; set context_parallel_size=1"
-            )
         self.layer_number = layer_number
         self.compress_ratio = self._resolve_compress_ratio(config, layer_number, compress_ratio)
         self.tp_group = (
             pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
         )
+        self.cp_group = context_parallel_group(pg_collection)
         tp_size = self.tp_group.size()
         if config.num_attention_heads % tp_size:
             raise ValueError(
@@ -287,6 +309,11 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
                 "decoding with an inference_context needs sequence_parallel=False (one new token "
                 "cannot be split over the tensor-parallel ranks); build the model without it"
             )
+        if inference_context is not None and self.cp_group.size() > 1:
+            raise NotImplementedError(
+                "decoding with an inference_context needs context_parallel_size=1 (the decode state "
+                "holds the whole sequence); prefill and decode without context parallelism"
+            )
         if inference_context is not None and inference_context.attention_state(self) is not None:
             return self._decode(hidden_states, position_ids, inference_context.attention_state(self))
         if self.config.sequence_parallel:
@@ -302,7 +329,12 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         query = self.linear_q_up_proj(q_compressed)[0].view(seq_len, batch, self.local_heads, self.head_dim)
         query = apply_rotary(per_head_rms_normalize(query, self.config.layernorm_epsilon), head_cos, head_sin)
 
-        key_value = apply_rotary(self.kv_layernorm(self.linear_kv(hidden_states)[0]), cos, sin)
+        # The key side: this chunk, or under context parallelism every token up to its end.
+        key_states, key_positions = self._key_prefix(hidden_states, positions)
+        window_start = max(key_states.shape[0] - seq_len - (self.window - 1), 0)
+        window_states = key_states[window_start:]
+        window_cos, window_sin = self.rotary(key_positions[window_start:])
+        key_value = apply_rotary(self.kv_layernorm(self.linear_kv(window_states)[0]), window_cos, window_sin)
         key_value = copy_to_tensor_model_parallel_region(key_value, group=self.tp_group)
 
         entries = picks = index_keys = None
@@ -314,32 +346,49 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             and torch.is_grad_enabled()
         )
         if self.compressor is not None:
-            entries = copy_to_tensor_model_parallel_region(self.compressor(hidden_states), group=self.tp_group)
+            entries = copy_to_tensor_model_parallel_region(self.compressor(key_states), group=self.tp_group)
         if self.topk_attention or indexer_loss_on:
             # Detached: the indexer's keys get gradient from the indexer loss alone.
-            index_keys = self.indexer.compressor(hidden_states.detach())
+            index_keys = self.indexer.compressor(key_states.detach())
         if self.topk_attention:
             picks = self.indexer(hidden_states, q_compressed, positions, index_keys)
         if inference_context is not None:
             self._start_decode(inference_context, hidden_states, positions, key_value, entries, index_keys)
 
-        output, entry_probabilities = self._attend(query, key_value, entries, picks, positions)
+        output, teacher_mass = self._attend(query, key_value, entries, picks, positions, indexer_loss_on)
         output, bias = self._project_output(output, head_cos, head_sin)
-        if indexer_loss_on and entry_probabilities is not None:
-            loss = self._indexer_loss(hidden_states, q_compressed, positions, index_keys, entry_probabilities, picks)
+        if teacher_mass is not None:
+            loss = self._indexer_loss(hidden_states, q_compressed, positions, index_keys, teacher_mass, picks)
             output = IndexerLossAutoScaler.apply(output, loss)
         return output, bias
 
-    def _indexer_loss(self, hidden_states, q_compressed, positions, index_keys, entry_probabilities, picks):
-        """This micro-batch's indexer loss (`megatron_v4.indexer_loss`), recorded for logging."""
-        with torch.no_grad():
-            teacher_mass = entry_probabilities.sum(dim=2)  # [s, b, entries], this rank's heads
-            if self.tp_group.size() > 1:
-                dist.all_reduce(teacher_mass, group=self.tp_group)
+    def _key_prefix(self, hidden_states, positions):
+        """The inputs and positions of the tokens this rank's queries may read: its own chunk, or under
+        context parallelism every token from the sequence start to the end of its chunk.
+
+        The all-gather's backward reduce-scatters: each rank's chunk collects the gradient that every
+        rank's keys, compressors and indexer send to it."""
+        if self.cp_group.size() == 1:
+            return hidden_states, positions
+        end = (self.cp_group.rank() + 1) * hidden_states.shape[0]
+        sequence = gather_from_sequence_parallel_region(
+            hidden_states, tensor_parallel_output_grad=True, group=self.cp_group
+        )
+        return sequence[:end], gather_chunks(positions, 0, self.cp_group)[:end]
+
+    def _indexer_loss(self, hidden_states, q_compressed, positions, index_keys, teacher_mass, picks):
+        """This micro-batch's indexer loss (`megatron_v4.indexer_loss`), recorded for logging.
+
+        teacher_mass [s, b, entries]: `_attend`'s head-summed entry probabilities of this rank's heads.
+        """
+        if self.tp_group.size() > 1:
+            dist.all_reduce(teacher_mass, group=self.tp_group)
         kl = self.indexer.distillation_loss(hidden_states, q_compressed, positions, index_keys, teacher_mass, picks)
         # The whole sequence (gathered under sequence parallelism): every tensor-parallel rank holds
         # the same loss and back-propagates it into its own indexer heads.
+        # Under context parallelism this rank's queries are one chunk of the sequence: its share of the loss.
         seq_len, batch = positions.shape
+        seq_len *= self.cp_group.size()
         loss = kl * (self.config.indexer_loss_coeff / (seq_len * batch))
         IndexerLossTracker.record(self.layer_number, loss)
         return loss
@@ -430,27 +479,61 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             position_ids = position_ids.unsqueeze(0)
         return position_ids.transpose(0, 1).expand(seq_len, batch)
 
-    def _attend(self, query, key_value, entries, picks, positions):
-        """Softmax over window keys + compressed entries + sink.
+    def _attend(self, query, key_value, entries, picks, positions, with_teacher: bool):
+        """Softmax over window keys + compressed entries + sink, for queries [s_q, b, H_local, c]
+        that are the last s_q rows of key_value [s_k, b, c] (s_q = s_k in an ordinary forward).
 
-        Returns the output [s, b, H_local, c] and the entries' float32 probabilities, detached
-        ([s, b, H_local, entries or picks]; None without entries): the indexer's teacher.
+        entries: [n, b, c] or None; picks: [s_q, b, k] or None (attend every visible entry);
+        positions: the queries' [s_q, b]. Returns the output [s_q, b, H_local, c] and, with
+        `with_teacher`, the indexer's teacher: the entries' float32 probabilities summed over this
+        rank's heads, detached ([s_q, b, n or k]; None without entries).
+
+        Queries go in chunks of ATTENTION_CHUNK, each under activation checkpointing: the backward
+        recomputes a chunk's scores and re-gathers its picked entries instead of keeping them, so
+        what a layer keeps for the backward is linear in s (no [s, b, k, c] gather, no [s, b, H, keys]
+        probabilities) and the transient memory is one chunk's.
         """
-        seq_len = query.shape[0]
-        window_scores, window_visible, window_keys = self._window_scores(query, key_value)
+        query_len, key_len = query.shape[0], key_value.shape[0]
+        first_row = key_len - query_len
+        if entries is not None and entries.shape[0] == 0:
+            entries = None
+        # window - 1 zero rows in front: the (masked) left context of key row 0.
+        padded_keys = F.pad(key_value, (0, 0, 0, 0, self.window - 1, 0))
+        outputs, teachers = [], []
+        for start in range(0, query_len, ATTENTION_CHUNK):
+            end = min(start + ATTENTION_CHUNK, query_len)
+            # Key rows first_row + start - window + 1 .. first_row + end - 1 (padded: + window - 1).
+            chunk_keys = padded_keys[first_row + start : first_row + end + self.window - 1]
+            chunk_picks = None if picks is None else picks[start:end]
+            arguments = (query[start:end], chunk_keys, first_row + start, entries, chunk_picks, positions[start:end])
+            if torch.is_grad_enabled():
+                output, teacher = checkpoint(self._attend_chunk, *arguments, with_teacher, use_reentrant=False)
+            else:
+                output, teacher = self._attend_chunk(*arguments, with_teacher)
+            outputs.append(output)
+            teachers.append(teacher)
+        teacher = torch.cat(teachers) if with_teacher and entries is not None else None
+        return torch.cat(outputs), teacher
+
+    def _attend_chunk(self, query, window_keys, first_row: int, entries, picks, positions, with_teacher: bool):
+        """One chunk of `_attend`: queries [C, b, H, c] at key rows first_row .. first_row + C - 1;
+        window_keys [C + W - 1, b, c]: key rows first_row - W + 1 .. first_row + C - 1 (rows below 0
+        are padding)."""
+        window_scores, window_visible, blocked_keys = self._window_scores(query, window_keys, first_row)
         logits = [window_scores.masked_fill(~window_visible, float("-inf"))]
-        if entries is not None and entries.shape[0] > 0:
+        if entries is not None:
             entry_keys, entry_scores, entry_visible = self._entry_scores(query, entries, picks, positions)
             logits.append(entry_scores.masked_fill(~entry_visible, float("-inf")))
         sink = self.attn_sink.view(1, 1, -1, 1).expand(*query.shape[:3], 1)
         probabilities = torch.cat(logits + [sink], dim=-1).softmax(dim=-1)[..., :-1]
         window_width = window_scores.shape[-1]
-        teacher = probabilities[..., window_width:].detach() if len(logits) > 1 else None
+        teacher = None
+        if with_teacher and entries is not None:
+            teacher = probabilities[..., window_width:].detach().sum(dim=2)
         probabilities = probabilities.to(query.dtype)
 
-        window_probabilities = probabilities[..., :window_width]
-        output = self._window_output(window_probabilities, window_keys, seq_len)
-        if len(logits) > 1:
+        output = self._window_output(probabilities[..., :window_width], blocked_keys, query.shape[0])
+        if entries is not None:
             entry_probabilities = probabilities[..., window_width:]
             if picks is None:  # HCA (and dense CSA): every query reads the same entries
                 output = output + torch.einsum("sbhn,nbc->sbhc", entry_probabilities, entry_keys)
@@ -458,43 +541,47 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
                 output = output + torch.einsum("sbhk,sbkc->sbhc", entry_probabilities, entry_keys)
         return output, teacher
 
-    def _window_scores(self, query, key_value):
-        """Scores of each query against the keys of its block of W queries.
+    def _window_block(self, query_len: int) -> int:
+        return min(self.window, query_len)
 
-        Block i holds queries iW .. iW+W-1; they can reach keys iW-W+1 .. iW+W-1, 2W-1 of
-        them. Returns scores [s, b, H, 2W-1] (float32), the visibility mask
-        [s, 1, 1, 2W-1] and the blocked keys [blocks, b, c, 2W-1].
+    def _window_scores(self, query, window_keys, first_row: int):
+        """Scores of each query against the keys of its block of B = min(W, C) queries.
+
+        Block i holds queries iB .. iB+B-1; they can reach window_keys rows iB .. iB+B+W-2,
+        B+W-1 of them. Returns scores [C, b, H, B+W-1] (float32), the visibility mask
+        [C, 1, 1, B+W-1] and the blocked keys [blocks, b, c, B+W-1].
         """
-        seq_len = query.shape[0]
-        window = self.window
-        num_blocks = -(-seq_len // window)
-        padded_len = num_blocks * window
-        span = 2 * window - 1
-        padded_query = F.pad(query, (0, 0, 0, 0, 0, 0, 0, padded_len - seq_len))
-        # window - 1 zero keys in front give block 0 its (masked) left context.
-        padded_keys = F.pad(key_value, (0, 0, 0, 0, window - 1, padded_len - seq_len))
-        blocked_keys = padded_keys.unfold(0, span, window)  # [blocks, b, c, span]
-        blocked_query = padded_query.view(num_blocks, window, *query.shape[1:])
+        query_len = query.shape[0]
+        window, block = self.window, self._window_block(query_len)
+        num_blocks = -(-query_len // block)
+        padded_len = num_blocks * block
+        span = block + window - 1
+        padded_query = F.pad(query, (0, 0, 0, 0, 0, 0, 0, padded_len - query_len))
+        padded_keys = F.pad(window_keys, (0, 0, 0, 0, 0, padded_len + window - 1 - window_keys.shape[0]))
+        blocked_keys = padded_keys.unfold(0, span, block)  # [blocks, b, c, span]
+        blocked_query = padded_query.view(num_blocks, block, *query.shape[1:])
         scores = torch.einsum("nqbhc,nbcl->nqbhl", blocked_query, blocked_keys).float() * self.scale
 
         device = query.device
-        query_position = torch.arange(padded_len, device=device).view(num_blocks, window, 1)
-        key_position = (
-            torch.arange(num_blocks, device=device).view(num_blocks, 1, 1) * window
+        # Key rows relative to the chunk's first query; the window reaches back window - 1 rows.
+        query_row = torch.arange(padded_len, device=device).view(num_blocks, block, 1)
+        key_row = (
+            torch.arange(num_blocks, device=device).view(num_blocks, 1, 1) * block
             - (window - 1)
             + torch.arange(span, device=device).view(1, 1, span)
         )
-        distance = query_position - key_position
-        visible = (distance >= 0) & (distance < window) & (key_position >= 0)
-        scores = scores.flatten(0, 1)[:seq_len]
-        visible = visible.flatten(0, 1)[:seq_len].view(seq_len, 1, 1, span)
+        distance = query_row - key_row
+        visible = (distance >= 0) & (distance < window) & (key_row + first_row >= 0)
+        scores = scores.flatten(0, 1)[:query_len]
+        visible = visible.flatten(0, 1)[:query_len].view(query_len, 1, 1, span)
         return scores, visible, blocked_keys
 
-    def _window_output(self, probabilities, blocked_keys, seq_len: int) -> torch.Tensor:
+    def _window_output(self, probabilities, blocked_keys, query_len: int) -> torch.Tensor:
         num_blocks = blocked_keys.shape[0]
-        padded = F.pad(probabilities, (0, 0, 0, 0, 0, 0, 0, num_blocks * self.window - seq_len))
-        blocked = padded.view(num_blocks, self.window, *probabilities.shape[1:])
-        return torch.einsum("nqbhl,nbcl->nqbhc", blocked, blocked_keys).flatten(0, 1)[:seq_len]
+        block = self._window_block(query_len)
+        padded = F.pad(probabilities, (0, 0, 0, 0, 0, 0, 0, num_blocks * block - query_len))
+        blocked = padded.view(num_blocks, block, *probabilities.shape[1:])
+        return torch.einsum("nqbhl,nbcl->nqbhc", blocked, blocked_keys).flatten(0, 1)[:query_len]
 
     def _entry_scores(self, query, entries, picks, positions):
         """Scores against compressed entries: all visible ones (HCA, dense CSA) or the indexer's picks (CSA)."""

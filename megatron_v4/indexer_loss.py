@@ -73,14 +73,16 @@ class IndexerLossTracker:
         cls.sums[layer_number] = loss if total is None else total + loss
 
     @classmethod
-    def step_mean(cls, num_microbatches: int, pp_group=None, dp_group=None) -> torch.Tensor:
+    def step_mean(cls, num_microbatches: int, pp_group=None, dp_group=None, cp_group=None) -> torch.Tensor:
         """Mean over CSA layers and micro-batches of the indexer loss, averaged over data-parallel ranks.
 
-        Collective over `pp_group` (whose stages hold different layers) and `dp_group` (which see
-        different data); defaults: Megatron-Core's. Tensor-parallel ranks hold equal values.
+        Collective over `pp_group` (whose stages hold different layers), `cp_group` (whose ranks hold
+        shares of every sequence's loss, summed) and `dp_group` (which see different data); defaults:
+        Megatron-Core's. Tensor-parallel ranks hold equal values.
         """
         pp_group = pp_group or parallel_state.get_pipeline_model_parallel_group()
         dp_group = dp_group or parallel_state.get_data_parallel_group()
+        cp_group = cp_group or parallel_state.get_context_parallel_group()
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, layer count
         for loss in cls.sums.values():
@@ -88,6 +90,7 @@ class IndexerLossTracker:
             totals[1] += 1
         dist.all_reduce(totals, group=pp_group)
         mean = totals[0] / totals[1].clamp_min(1) / num_microbatches
+        dist.all_reduce(mean, group=cp_group)
         dist.all_reduce(mean, group=dp_group)
         return mean / dist.get_world_size(dp_group)
 

@@ -13,6 +13,9 @@ Parallelism (see `megatron_v4.config` for the sizes it accepts):
   Training needs `sequence_parallel=True` with TP > 1 (Megatron-Core's MoE);
   the attention gathers the sequence at its entry (its window, compressors
   and indexer need every earlier token).
+- context: every sequence split into contiguous chunks, one per CP rank
+  (`megatron_v4.context_parallel`); the attention gathers the key side of
+  earlier chunks, MTP's shift reads the next chunk's first token.
 - expert: Megatron-Core's dispatchers (allgather, alltoall) and experts; hash
   routing reads the token ids of the tokens this rank routes.
 - pipeline: `pre_process` stages embed, the others take the previous stage's
@@ -39,11 +42,11 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
-from megatron.core.transformer.multi_token_prediction import process_mtp_loss
 
 from megatron_v4.config import DeepSeekV4TransformerConfig
+from megatron_v4.context_parallel import chunk_start
 from megatron_v4.layer import DeepSeekV4BlockSubmodules, DeepSeekV4TransformerBlock
-from megatron_v4.mtp import DeepSeekV4MTPBlock, DeepSeekV4MTPBlockSubmodules
+from megatron_v4.mtp import DeepSeekV4MTPBlock, DeepSeekV4MTPBlockSubmodules, attach_mtp_losses
 from megatron_v4.specs import get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
 
 
@@ -149,8 +152,9 @@ class DeepSeekV4Model(LanguageModule):
     ) -> torch.Tensor:
         """input_ids [batch, seq] -> logits [batch, seq, vocab], or per-token loss [batch, seq] with labels.
 
-        position_ids default to 0..seq-1. `loss_mask` [batch, seq] masks the MTP loss; the
-        returned main loss is unmasked (the caller's loss function masks it, as with GPTModel).
+        position_ids default to 0..seq-1 (under context parallelism, `input_ids` is this rank's contiguous
+        chunk of the sequence and they default to the chunk's positions in it). `loss_mask` [batch, seq]
+        masks the MTP loss; the returned main loss is unmasked (the caller's loss function masks it, as with GPTModel).
         `decoder_input` replaces the embedding on the first stage.
         `inference_context` (a `megatron_v4.inference.DeepSeekV4InferenceContext`) makes the attention
         layers keep / use their decode state; positions then default to start at its
@@ -158,7 +162,10 @@ class DeepSeekV4Model(LanguageModule):
         """
         if position_ids is None:
             seq = input_ids.shape[1]
-            start = inference_context.sequence_len_offset if inference_context is not None else 0
+            if inference_context is not None:
+                start = inference_context.sequence_len_offset
+            else:
+                start = chunk_start(seq, self.pg_collection.cp)
             position_ids = torch.arange(start, start + seq, device=input_ids.device).unsqueeze(0).expand_as(input_ids)
         if decoder_input is None and self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=position_ids)
@@ -177,18 +184,17 @@ class DeepSeekV4Model(LanguageModule):
             mtp_hidden_states = self.mtp(
                 streams, input_ids, self.embedding, attention_mask=attention_mask, position_ids=position_ids
             )
-            hidden_states = process_mtp_loss(
-                hidden_states=torch.cat([hidden_states, *mtp_hidden_states], dim=0),
-                labels=labels,
-                loss_mask=loss_mask,
-                output_layer=self.output_layer,
-                output_weight=None,
-                runtime_gather_output=None,
-                is_training=self.training,
-                compute_language_model_loss=self.compute_language_model_loss,
-                config=self.config,
+            hidden_states = attach_mtp_losses(
+                hidden_states,
+                mtp_hidden_states,
+                labels,
+                loss_mask,
+                self.output_layer,
+                self.compute_language_model_loss,
+                self.config,
                 cp_group=self.pg_collection.cp,
                 tp_group=self.pg_collection.tp,
+                is_training=self.training,
             )
 
         logits, _ = self.output_layer(hidden_states)

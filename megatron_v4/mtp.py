@@ -10,11 +10,14 @@ ahead; at position t it predicts token t + 2 + k:
     hidden = final_layernorm(hc_head(X))           -> shared output layer
 
 The embedding and the output layer are the main model's. The training loss
-is Megatron-Core's (`process_mtp_loss`): cross entropy on labels rolled k+1
-more positions, mean over the valid tokens, times
+(`attach_mtp_losses`) is Megatron-Core's (`process_mtp_loss`): cross entropy on
+labels rolled k+1 more positions, mean over the valid tokens, times
 `mtp_loss_scaling_factor / mtp_num_layers`, attached to the main hidden
 states with `MTPLossAutoScaler` so that its gradient flows in the main
-loss's backward without changing the returned main loss.
+loss's backward without changing the returned main loss. Our own copy of it
+rolls the contiguous context-parallel split (`megatron_v4.context_parallel`):
+the shift by one reads the next chunk's first token, and the mean runs over the
+valid tokens of the whole sequence.
 """
 
 from __future__ import annotations
@@ -22,16 +25,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import (
     gather_from_tensor_model_parallel_region,
     scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.multi_token_prediction import roll_tensor
+from megatron.core.transformer.multi_token_prediction import (
+    MTPLossAutoScaler,
+    MTPLossLoggingHelper,
+    _compute_mtp_acceptance_counts,
+)
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_v4.config import DeepSeekV4TransformerConfig
+from megatron_v4.context_parallel import context_parallel_group, roll_left
 from megatron_v4.hyper_connection import HyperHead
 
 
@@ -135,6 +144,7 @@ class DeepSeekV4MTPBlock(MegatronModule):
         pg_collection: ProcessGroupCollection | None = None,
     ):
         super().__init__(config)
+        self.cp_group = context_parallel_group(pg_collection)
         if len(spec.layer_specs) != config.mtp_num_layers:
             raise ValueError(
                 f"the MTP block spec has {len(spec.layer_specs)} layers for mtp_num_layers="
@@ -164,8 +174,55 @@ class DeepSeekV4MTPBlock(MegatronModule):
         """Decoder streams, input_ids [batch, seq] -> one output hidden state per MTP layer."""
         outputs = []
         for layer in self.layers:
-            input_ids, _ = roll_tensor(input_ids, shifts=-1, dims=-1)
+            input_ids = roll_left(input_ids, self.cp_group)
             embeddings = embedding(input_ids=input_ids, position_ids=position_ids)
             streams, hidden = layer(streams, embeddings, attention_mask, position_ids)
             outputs.append(hidden)
         return outputs
+
+
+def attach_mtp_losses(
+    hidden_states: torch.Tensor,
+    mtp_hidden_states: list[torch.Tensor],
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor | None,
+    output_layer: torch.nn.Module,
+    compute_language_model_loss,
+    config: DeepSeekV4TransformerConfig,
+    cp_group,
+    tp_group,
+    is_training: bool,
+) -> torch.Tensor:
+    """`hidden_states` [s, b, h] carrying the MTP losses for the backward (Megatron-Core's
+    `process_mtp_loss` on a contiguous context-parallel split).
+
+    Each MTP layer's loss is the mean over the valid tokens of the whole sequence; a CP rank
+    attaches its share times the CP size (DDP averages the gradients over the CP ranks) and
+    logs the whole sequence's mean."""
+    cp = cp_group.size()
+    loss_mask = torch.ones_like(labels) if loss_mask is None else loss_mask
+    scale = config.mtp_loss_scaling_factor / config.mtp_num_layers
+    for depth, mtp_hidden in enumerate(mtp_hidden_states):
+        logits, _ = output_layer(mtp_hidden)
+        labels = roll_left(labels, cp_group)
+        loss_mask = roll_left(loss_mask, cp_group)
+        num_tokens = loss_mask.sum().float()
+        if cp > 1:
+            torch.distributed.all_reduce(num_tokens, group=cp_group)
+        mtp_loss = loss_mask * compute_language_model_loss(labels, logits)
+        share = mtp_loss / num_tokens.clamp(min=1)
+        if is_training:
+            logged = share.sum().detach()
+            if cp > 1:
+                torch.distributed.all_reduce(logged, group=cp_group)
+            correct, total = _compute_mtp_acceptance_counts(logits, labels, loss_mask, output_layer, None, tp_group)
+            MTPLossLoggingHelper.save_metrics_to_tracker(
+                logged,
+                correct,
+                total,
+                depth,
+                config.mtp_num_layers,
+                avg_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+            )
+        hidden_states = MTPLossAutoScaler.apply(hidden_states, scale * cp * share)
+    return hidden_states

@@ -23,6 +23,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 
 import megatron_v4
 from megatron_v4.config import DeepSeekV4TransformerConfig
+from megatron_v4.context_parallel import local_chunk
 from megatron_v4.indexer_loss import IndexerLossTracker
 from megatron_v4.model import DeepSeekV4Model, pipeline_micro_batch_size
 from megatron_v4.specs import get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
@@ -134,17 +135,22 @@ def global_batch(step: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(100 + step))
 
 
-def _loss(per_token: torch.Tensor):
-    loss = per_token[:, :-1].mean()  # the last position has no next token
-    return loss, {"loss": loss.detach().clone()}
-
-
 def _forward_step(data_iterator, model):
+    """One micro-batch of whole sequences; under context parallelism this rank runs its chunk, and its
+    loss is its share of the sequence's mean (the schedule and DDP then sum the shares)."""
     input_ids = next(data_iterator)
     loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
-    loss_mask[:, -1] = 0
+    loss_mask[:, -1] = 0  # the last position has no next token
     labels = torch.roll(input_ids, -1, dims=1)
-    return model(input_ids, labels=labels, loss_mask=loss_mask), _loss
+    num_tokens = loss_mask.sum()
+    cp_group = parallel_state.get_context_parallel_group()
+    input_ids, labels, loss_mask = (local_chunk(t, 1, cp_group) for t in (input_ids, labels, loss_mask))
+
+    def loss(per_token):
+        share = (per_token * loss_mask).sum() / num_tokens
+        return share, {"loss": share.detach().clone()}
+
+    return model(input_ids, labels=labels, loss_mask=loss_mask), loss
 
 
 def _dp_mean(value: torch.Tensor) -> torch.Tensor:
@@ -224,7 +230,9 @@ def train(
             result["indexer_losses"].append(IndexerLossTracker.step_mean(num_microbatches).item())
             IndexerLossTracker.reset()
             if parallel_state.is_pipeline_last_stage():
-                loss = _dp_mean(torch.stack([x["loss"] for x in losses]).mean())
+                loss = torch.stack([x["loss"] for x in losses]).mean()
+                dist.all_reduce(loss, group=parallel_state.get_context_parallel_group())
+                loss = _dp_mean(loss)
                 mtp = _dp_mean(MTPLossLoggingHelper.tracker["loss_values"][0] / num_microbatches)
                 result["losses"].append(loss.item())
                 result["mtp_losses"].append(mtp.item())

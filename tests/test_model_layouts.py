@@ -66,7 +66,7 @@ def _gradient_scales(reference) -> dict[str, float]:
     }
 
 
-def _check_training(results, reference, tag):
+def _check_training(results, reference, tag, weight_tolerance=TOLERANCE):
     scales = _gradient_scales(reference)
     worst_scalar = {}
     for result in results:
@@ -97,7 +97,7 @@ def _check_training(results, reference, tag):
     print(f"[{tag}] worst weight rel Frobenius after {ranks.STEPS} steps {final[worst_weight]:.2e} "
           f"({worst_weight})")
     assert grads[worst_grad] <= TOLERANCE, (worst_grad, grads[worst_grad])
-    assert final[worst_weight] <= TOLERANCE, (worst_weight, final[worst_weight])
+    assert final[worst_weight] <= weight_tolerance, (worst_weight, final[worst_weight])
 
 
 ONE_STAGE = {((1, 2, 3, 4),)}

@@ -2,7 +2,7 @@
 
 Every run starts from the same weights: a tiny random Hugging Face checkpoint converted to `torch_dist`
 with the bridge, which each layout loads resharded (`--load`). Checked:
-- 20 steps at EP=2, PP=2 and TP=2 (with sequence parallelism) give the losses and gradient norms of one
+- 20 steps at EP=2, PP=2, TP=2 (with sequence parallelism) and CP=2 give the losses and gradient norms of one
   rank (fp32, 1e-4 relative), MTP loss included;
 - the aux-loss-free expert biases move by whole multiples of the update rate (finalize_model_grads);
 - a run stopped at step 10 and resumed from its checkpoint gives the uninterrupted run's remaining
@@ -56,6 +56,7 @@ def _relative(a: float, b: float) -> float:
         pytest.param(["--ep", "2"], id="ep2"),
         pytest.param(["--pp", "2"], id="pp2"),
         pytest.param(["--tp", "2", "--sp"], id="tp2-sp"),
+        pytest.param(["--cp", "2"], id="cp2"),
     ],
 )
 def test_layout_matches_one_rank(converted, one_rank, layout):
@@ -68,6 +69,20 @@ def test_layout_matches_one_rank(converted, one_rank, layout):
         f"{' '.join(layout)}: loss {expected[0]['loss']:.4f} -> {expected[-1]['loss']:.4f}; worst relative "
         f"difference to one rank: loss {loss_worst:.2e}, grad norm {grad_worst:.2e}"
     )
+    assert loss_worst <= 1e-4
+    assert grad_worst <= 1e-4
+
+
+def test_checkpoint_saved_at_cp2_resumes_at_one_rank(converted, one_rank, tmp_path):
+    """Checkpoints do not depend on the context-parallel size: a run stopped at step 10 at CP=2 and resumed
+    on one rank continues as the one-rank run does (model, Adam state, schedule, data position)."""
+    launch(2, COMMON + ["--load", converted, "--cp", "2", "--save", str(tmp_path), "--exit-after", "10"])
+    resumed = launch(1, COMMON + ["--load", str(tmp_path)])
+    expected = one_rank["history"][10:]
+    assert [m["step"] for m in resumed] == [m["step"] for m in expected]
+    loss_worst = max(_relative(r["loss"], e["loss"]) for r, e in zip(resumed, expected))
+    grad_worst = max(_relative(r["grad_norm"], e["grad_norm"]) for r, e in zip(resumed, expected))
+    print(f"resumed at one rank from CP=2: worst relative difference loss {loss_worst:.2e}, grad norm {grad_worst:.2e}")
     assert loss_worst <= 1e-4
     assert grad_worst <= 1e-4
 

@@ -5,8 +5,8 @@ forward-only pipeline schedule over the model chunks this rank holds, gathers
 the vocabulary-parallel logits over the tensor-parallel ranks on the last
 pipeline stage and broadcasts them to every stage, so every rank returns the
 same [batch, seq, vocab] tensor for the batch it passed in (every rank of a
-model-parallel group must pass the same `input_ids`; data-parallel replicas may
-pass different ones).
+model-parallel or context-parallel group must pass the same `input_ids`;
+data-parallel replicas may pass different ones).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_v4.context_parallel import gather_chunks, local_chunk
 from megatron_v4.model import pipeline_micro_batch_size
 
 
@@ -60,12 +61,19 @@ def forward_logits(
     micro_batch_size: sequences per pipeline micro-batch; defaults to the whole batch
     without pipeline parallelism and to 1 with it (so the stages overlap; an
     interleaved schedule needs at least `pp` micro-batches).
-    Under sequence parallelism `seq` must be divisible by the tensor-parallel size.
+    Under sequence parallelism `seq` must be divisible by the tensor-parallel size; under context
+    parallelism every rank of a context-parallel group passes the whole sequence, runs its contiguous
+    chunk of it, and returns the logits of the whole sequence (`seq` divisible by the CP size).
     """
     chunks = model_chunks if isinstance(model_chunks, list) else [model_chunks]
     config = get_attr_wrapped_model(chunks[0], "config")
-    batch, seq = input_ids.shape
+    batch, full_seq = input_ids.shape
     check_token_ids(input_ids, get_attr_wrapped_model(chunks[0], "vocab_size"))
+    if position_ids is None:
+        position_ids = torch.arange(full_seq, device=input_ids.device).unsqueeze(0).expand(batch, full_seq)
+    cp_group = parallel_state.get_context_parallel_group()
+    input_ids, position_ids = local_chunk(input_ids, 1, cp_group), local_chunk(position_ids, 1, cp_group)
+    seq = input_ids.shape[1]
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if config.sequence_parallel and seq % tp:
@@ -82,8 +90,6 @@ def forward_logits(
             f"an interleaved pipeline needs at least pp={pp} micro-batches, got {num_microbatches}; "
             f"pass a batch of >= {pp * micro_batch_size} sequences or a smaller micro_batch_size"
         )
-    if position_ids is None:
-        position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
     micro_batches = list(zip(input_ids.split(micro_batch_size), position_ids.split(micro_batch_size)))
 
     def keep_logits(logits, non_loss_data=True):
@@ -100,7 +106,7 @@ def forward_logits(
             data_iterator=[iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches),
             model=chunks,
             num_microbatches=num_microbatches,
-            seq_length=seq,
+            seq_length=full_seq,  # the schedules divide it by the CP (and, under SP, TP) size
             micro_batch_size=pipeline_micro_batch_size(config, micro_batch_size),
             forward_only=True,
             collect_non_loss_data=True,
@@ -116,4 +122,4 @@ def forward_logits(
     if pp > 1:
         last_stage = parallel_state.get_pipeline_model_parallel_last_rank()
         dist.broadcast(logits, src=last_stage, group=parallel_state.get_pipeline_model_parallel_group())
-    return logits
+    return gather_chunks(logits, 1, cp_group)

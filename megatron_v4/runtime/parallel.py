@@ -27,6 +27,7 @@ class ParallelLayout:
     ep: int = 1
     etp: int = 1
     sp: bool = False
+    cp: int = 1
     vpp: int | None = None
     dp: int = 1
     world_size: int = 1
@@ -41,6 +42,7 @@ class ParallelLayout:
             expert_model_parallel_size=self.ep,
             expert_tensor_parallel_size=self.etp,
             sequence_parallel=self.sp,
+            context_parallel_size=self.cp,
             # gloo's batched isend/irecv mixes up interleaved-pipeline messages (wrong gradients).
             batch_p2p_comm=self.backend != "gloo",
         )
@@ -71,16 +73,16 @@ def _init_process_group(backend: str, timeout_minutes: int) -> bool:
     return True
 
 
-def _check_layout(world_size: int, tp: int, pp: int, ep: int, etp: int, vpp: int | None) -> int:
-    for name, size in (("tp", tp), ("pp", pp), ("ep", ep), ("etp", etp)):
+def _check_layout(world_size: int, tp: int, pp: int, cp: int, ep: int, etp: int, vpp: int | None) -> int:
+    for name, size in (("tp", tp), ("pp", pp), ("cp", cp), ("ep", ep), ("etp", etp)):
         if size < 1:
             raise ValueError(f"{name}={size}: parallel sizes must be >= 1")
-    if world_size % (tp * pp):
+    if world_size % (tp * pp * cp):
         raise ValueError(
-            f"world size {world_size} is not divisible by tp*pp = {tp}*{pp}; "
-            f"launch a multiple of {tp * pp} ranks or change tp/pp"
+            f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}; "
+            f"launch a multiple of {tp * pp * cp} ranks or change tp/pp/cp"
         )
-    dp = world_size // (tp * pp)
+    dp = world_size // (tp * pp * cp)
     if world_size % (etp * ep * pp):
         raise ValueError(
             f"world size {world_size} is not divisible by etp*ep*pp = {etp}*{ep}*{pp}; "
@@ -97,6 +99,7 @@ def initialize(
     ep: int = 1,
     etp: int = 1,
     sp: bool = False,
+    cp: int = 1,
     seed: int = 1234,
     vpp: int | None = None,
     backend: str | None = None,
@@ -108,6 +111,9 @@ def initialize(
     (reads RANK/WORLD_SIZE/MASTER_* from the environment). Uses NCCL when CUDA
     is available and gloo otherwise; on a machine without CUDA it first applies
     the CPU compatibility patches of `megatron_v4.runtime.cpu_compat`.
+
+    `cp` splits every sequence into `cp` contiguous chunks, one per context-parallel rank
+    (see `megatron_v4.context_parallel`).
 
     Returns the `ParallelLayout`, whose `config_kwargs()` feed a TransformerConfig.
     """
@@ -126,10 +132,11 @@ def initialize(
     _OWNS_PROCESS_GROUP = _init_process_group(backend, timeout_minutes)
     world_size = dist.get_world_size()
     try:
-        dp = _check_layout(world_size, tp, pp, ep, etp, vpp)
+        dp = _check_layout(world_size, tp, pp, cp, ep, etp, vpp)
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            context_parallel_size=cp,
             virtual_pipeline_model_parallel_size=vpp,
             expert_model_parallel_size=ep,
             expert_tensor_parallel_size=etp,
@@ -141,7 +148,7 @@ def initialize(
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     _LAYOUT = ParallelLayout(
-        tp=tp, pp=pp, ep=ep, etp=etp, sp=sp, vpp=vpp, dp=dp, world_size=world_size, backend=backend
+        tp=tp, pp=pp, ep=ep, etp=etp, sp=sp, cp=cp, vpp=vpp, dp=dp, world_size=world_size, backend=backend
     )
     return _LAYOUT
 

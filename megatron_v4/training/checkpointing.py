@@ -22,7 +22,7 @@ load torch.optim.Adam's per-parameter step (needs apex or Transformer Engine's F
 
 
 def _rng_state() -> ShardedObject:
-    """This rank's RNG states (one object per pp x tp x dp position; only reloaded at the same layout)."""
+    """This rank's RNG states (one object per pp x tp x cp x dp position; only reloaded at the same layout)."""
     state = {
         "torch": torch.get_rng_state(),
         "numpy": numpy.random.get_state(),
@@ -32,11 +32,13 @@ def _rng_state() -> ShardedObject:
     shape = (
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_context_parallel_world_size(),
         parallel_state.get_data_parallel_world_size(),
     )
     offset = (
         parallel_state.get_pipeline_model_parallel_rank(),
         parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_context_parallel_rank(),
         parallel_state.get_data_parallel_rank(),
     )
     return ShardedObject("rng_state", state, shape, offset, replica_id=0)
@@ -52,7 +54,7 @@ def _set_rng_state(state: dict) -> None:
 
 def _layout_record() -> dict:
     sizes = layout()
-    return {"tp": sizes.tp, "pp": sizes.pp, "ep": sizes.ep, "etp": sizes.etp, "dp": sizes.dp}
+    return {"tp": sizes.tp, "pp": sizes.pp, "cp": sizes.cp, "ep": sizes.ep, "etp": sizes.etp, "dp": sizes.dp}
 
 
 def _training_state_dict(bare, optimizer, is_loading: bool) -> dict:

@@ -136,7 +136,7 @@ def pretrain(args) -> list[dict]:
     """Train as `examples/pretrain.py` asks (its parsed, checked arguments); returns the metrics of every
     step this run made (the same on every rank)."""
     sp = args.sp or args.tp > 1
-    layout = initialize(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, sp=sp, seed=args.seed)
+    layout = initialize(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep, etp=args.etp, sp=sp, seed=args.seed)
     try:
         return _train(args, layout)
     finally:

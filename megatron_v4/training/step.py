@@ -10,6 +10,7 @@ from megatron.core.distributed import DistributedDataParallel, finalize_model_gr
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
+from megatron_v4.context_parallel import local_chunk
 from megatron_v4.indexer_loss import IndexerLossTracker
 from megatron_v4.model import pipeline_micro_batch_size
 from megatron_v4.training.data import DataOrder
@@ -20,15 +21,25 @@ def _device() -> torch.device:
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Token-summed loss and token count: the schedule divides by the count, the logs reduce both."""
+    """Token-summed loss and token count: the schedule divides by the count, the logs reduce both.
+
+    Under context parallelism the count is the whole sequence's and the loss is this chunk's sum times
+    the CP size: DDP averages the gradients over the CP ranks, whose sums add up to the sequence's."""
     loss_mask = loss_mask.float()
     loss_sum = (per_token_loss.float() * loss_mask).sum()
-    num_tokens = loss_mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), loss_mask.sum()])}
+    num_tokens = loss_mask.sum()
+    cp_group = parallel_state.get_context_parallel_group()
+    if cp_group.size() > 1:
+        num_tokens = num_tokens.clone()
+        dist.all_reduce(num_tokens, group=cp_group)
+    report = {"lm loss": torch.stack([loss_sum.detach(), loss_mask.sum()])}
+    return loss_sum * cp_group.size(), num_tokens.to(torch.int), report
 
 
 def _forward_step(data_iterator, model):
-    batch = {k: v.to(_device()) for k, v in next(data_iterator).items()}
+    """One micro-batch of whole sequences; under context parallelism this rank's contiguous chunk of them."""
+    cp_group = parallel_state.get_context_parallel_group()
+    batch = {k: local_chunk(v.to(_device()), 1, cp_group) for k, v in next(data_iterator).items()}
     per_token_loss = model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
     return per_token_loss, lambda output: _loss_func(batch["loss_mask"], output)
 

@@ -1,0 +1,74 @@
+"""Context parallelism for DeepSeek-V4: every sequence split into contiguous chunks over the CP ranks.
+
+CP rank r of `cp` holds tokens [r * s / cp, (r + 1) * s / cp) of every sequence. A contiguous split is
+balanced for this attention: every query costs about the same (its window plus k indexer picks in CSA
+layers, plus t / 128 entries in HCA layers), so the zigzag split Megatron-Core's
+`get_batch_on_this_cp_rank` makes for causal dense attention buys nothing here, and the attention's
+window and compressed entries rely on the chunk being one run of consecutive tokens.
+
+Everything per token (embedding, hyper-connections, MoE and hash routing, norms, output layer, loss)
+runs on the local chunk unchanged; the attention gathers the key side (see
+`megatron_v4.attention`); MTP's shift by one token reads the next rank's first token (`roll_left`).
+
+Losses: Megatron-Core's DDP averages gradients over the data-parallel-with-context group, i.e. divides
+by the CP size too, while the ranks' losses add up to the sequence's loss. Each rank therefore scales
+its share of a loss by the CP size (Megatron-Core's schedules do so themselves for the two-value loss
+functions and for the indexer loss).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+def context_parallel_group(pg_collection=None) -> dist.ProcessGroup:
+    return pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
+
+
+def local_chunk(tensor: torch.Tensor, dim: int, cp_group: dist.ProcessGroup) -> torch.Tensor:
+    """This CP rank's contiguous chunk of `tensor` along `dim` (the sequence dimension)."""
+    cp = cp_group.size()
+    if cp == 1:
+        return tensor
+    length = tensor.shape[dim]
+    if length % cp:
+        raise ValueError(
+            f"sequence length {length} is not divisible by the context-parallel size {cp}; "
+            f"use a sequence length that is a multiple of {cp}"
+        )
+    return tensor.chunk(cp, dim=dim)[cp_group.rank()].contiguous()
+
+
+def gather_chunks(tensor: torch.Tensor, dim: int, cp_group: dist.ProcessGroup) -> torch.Tensor:
+    """The whole sequence from the CP ranks' chunks along `dim`, without autograd (ids, positions, logits)."""
+    if cp_group.size() == 1:
+        return tensor
+    chunks = [torch.empty_like(tensor) for _ in range(cp_group.size())]
+    dist.all_gather(chunks, tensor.contiguous(), group=cp_group)
+    return torch.cat(chunks, dim=dim)
+
+
+def chunk_start(local_length: int, cp_group: dist.ProcessGroup) -> int:
+    """Position of this rank's first token in the sequence."""
+    return cp_group.rank() * local_length
+
+
+def roll_left(tensor: torch.Tensor, cp_group: dist.ProcessGroup) -> torch.Tensor:
+    """Shift the last dim (the sequence of [batch, seq] ids, labels or masks) one step left: element i
+    becomes element i + 1 of the whole sequence; the sequence's last element becomes 0.
+
+    Megatron-Core's `roll_tensor` with a CP group expects its zigzag split, so this is the contiguous
+    one: the last element of a chunk is the next CP rank's first (an all-gather of first elements)."""
+    rolled = tensor.roll(-1, dims=-1)
+    if cp_group.size() == 1:
+        rolled[..., -1] = 0
+        return rolled
+    firsts = gather_chunks(tensor[..., :1], -1, cp_group)
+    rank = cp_group.rank()
+    if rank + 1 < cp_group.size():
+        rolled[..., -1] = firsts[..., rank + 1]
+    else:
+        rolled[..., -1] = 0
+    return rolled
