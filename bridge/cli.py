@@ -1,7 +1,8 @@
 """`python -m bridge import|export|verify`: convert DeepSeek-V4 checkpoints between Hugging Face and Megatron-Core.
 
-    python -m bridge import --hf DIR --out DIR [--dtype bf16|fp32] [--force] [--allow-nonfinite]
-    python -m bridge export --mcore DIR --out DIR [--dtype source|bf16] [--iteration N] [--force] [--allow-nonfinite]
+    python -m bridge import --hf DIR --out DIR [--dtype bf16|fp32] [--workers N] [--force] [--allow-nonfinite]
+    python -m bridge export --mcore DIR --out DIR [--dtype source|bf16] [--iteration N] [--workers N] [--force]
+                            [--allow-nonfinite]
     python -m bridge verify --hf DIR --mcore DIR [--layers all|0,3] [--iteration N] [--sequences 3 --seq-len 48]
     python -m bridge slice --hf DIR --config SMALL.json --out DIR [--layers 0,2,..] [--experts gate-norm|first|FILE]
 
@@ -23,6 +24,7 @@ import sys
 
 from bridge import slice_command
 from bridge.output_dir import unsafe_target
+from bridge.workers import default_workers
 from megatron_v4.runtime.command_line import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -86,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     for sub in (imp, exp, ver):
         sub.add_argument("--quiet", action="store_true", help="no progress line")
     for sub in (imp, exp):
+        sub.add_argument("--workers", type=int, default=default_workers(),
+                         help="threads converting and writing in parallel, each into its own files "
+                              "(default: this machine's cores, here %(default)s); memory grows with them")
         sub.add_argument("--allow-nonfinite", action="store_true",
                          help="convert weights holding NaN or Inf (refused by default, naming the tensor)")
     slice_command.add_parser(commands)
@@ -103,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "import":
         dtype = getattr(torch, IMPORT_DTYPES[args.dtype])
         report = convert.import_checkpoint(args.hf, args.out, dtype, args.force,
-                                           progress=not args.quiet, allow_nonfinite=args.allow_nonfinite)
+                                           progress=not args.quiet, allow_nonfinite=args.allow_nonfinite,
+                                           workers=args.workers)
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(report.quantised.items()))
         print(f"imported {report.tensors} tensors ({kinds}; {report.naming} naming), "
               f"{report.source_bytes / 1e9:.3f} GB in {report.seconds:.1f} s -> {args.out}")
@@ -114,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "export":
         report = convert.export_checkpoint(args.mcore, args.out, args.dtype, args.force,
                                            max_shard_bytes=None if args.max_shard_gb is None else int(args.max_shard_gb * 1e9), progress=not args.quiet,
-                                           iteration=args.iteration, allow_nonfinite=args.allow_nonfinite)
+                                           iteration=args.iteration, allow_nonfinite=args.allow_nonfinite,
+                                           workers=args.workers)
         print(f"exported {report.tensors} tensors ({report.quantised_tensors} re-quantised, "
               f"{report.fresh_scale_blocks} blocks with a fresh scale), {report.written_bytes / 1e9:.3f} GB "
               f"in {len(report.files)} file(s), {report.seconds:.1f} s -> {args.out}"
@@ -150,6 +157,8 @@ def check_args(args: argparse.Namespace) -> None:
         reason = unsafe_target(out, [p for p in (getattr(args, "hf", None), getattr(args, "mcore", None)) if p])
         if reason:
             raise UsageError(reason)
+    if getattr(args, "workers", 1) < 1:
+        raise UsageError(f"--workers {args.workers} must be >= 1")
     if getattr(args, "max_shard_gb", None) is not None and args.max_shard_gb <= 0:
         raise UsageError(f"--max-shard-gb {args.max_shard_gb} must be > 0")
 

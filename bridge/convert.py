@@ -27,6 +27,7 @@ import math
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,7 @@ from bridge.output_dir import atomic_output_dir
 from bridge.progress import Progress
 from bridge.quantisation import FP4, SourceFormat, dtype_name, release_plain_format, requantise, scale_name
 from bridge.safetensors_io import INDEX_FILE, PlannedTensor, SafetensorsCheckpoint, SafetensorsWriter, write_safetensors
+from bridge.workers import Jobs, run_workers
 from megatron_v4.model import DeepSeekV4Model
 from megatron_v4.runtime import destroy, initialize
 
@@ -224,11 +226,13 @@ class _ScaleShards:
     def __init__(self, directory: str, max_shard_bytes: int = 256 << 20):
         self.directory, self.max_shard_bytes = directory, max_shard_bytes
         self.writer: SafetensorsWriter | None = None
+        self.lock = threading.Lock()
 
     def write(self, name: str, scale: torch.Tensor) -> None:
-        if self.writer is None:
-            self.writer = SafetensorsWriter(self.directory, self.max_shard_bytes)
-        self.writer.write(name, scale)
+        with self.lock:  # import's workers write scales from several threads
+            if self.writer is None:
+                self.writer = SafetensorsWriter(self.directory, self.max_shard_bytes)
+            self.writer.write(name, scale)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -282,10 +286,12 @@ def import_checkpoint(
     force: bool = False,
     progress: bool = True,
     allow_nonfinite: bool = False,
+    workers: int = 1,
 ) -> ImportReport:
     """Hugging Face checkpoint (any naming, config flavour, FP8/FP4 or not) -> Megatron-Core `torch_dist`.
 
-    A NaN or Inf weight is refused, naming the tensor, unless `allow_nonfinite`.
+    A NaN or Inf weight is refused, naming the tensor, unless `allow_nonfinite`. `workers` threads
+    each convert whole tensors and write their own `.distcp` file.
     """
     source = HFSource(hf_dir)
     _check_config_against_headers(source)
@@ -327,7 +333,7 @@ def import_checkpoint(
                 written.update(tensor.nbytes)
                 digests[name] = tensor_digest(tensor)
 
-            write_checkpoint(tmp, sharded, materialise, order=order, on_written=on_written)
+            write_checkpoint(tmp, sharded, materialise, order=order, on_written=on_written, workers=workers)
             scales.close()
             _carry(source, os.path.join(record_dir, CARRIED_DIR))
             _keep_source_files(source.path, os.path.join(record_dir, SOURCE_FILES_DIR))
@@ -497,6 +503,7 @@ def export_checkpoint(
     progress: bool = True,
     iteration: int | None = None,
     allow_nonfinite: bool = False,
+    workers: int = 1,
 ) -> ExportReport:
     """Megatron-Core checkpoint -> official safetensors. `mcore_dir` is an import (maybe trained since),
     a training save directory (its latest iteration, or `iteration`) or one of its `iter_*` directories.
@@ -506,7 +513,8 @@ def export_checkpoint(
     Every tensor and record file is checked against the import's checksums; a NaN or Inf weight is
     refused unless `allow_nonfinite`. Shards are `max_shard_bytes` at most (default: the source's
     largest shard, else 1 GB); the source's other files (tokenizer, generation config, ...) come back
-    as they were, and its `config.json` with its own key order.
+    as they were, and its `config.json` with its own key order. `workers` threads each read, convert and
+    write groups of tensors (each to its place in the planned shards).
     """
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r}: use one of {EXPORT_DTYPES}")
@@ -536,14 +544,26 @@ def export_checkpoint(
         with atomic_output_dir(out_dir, force, inputs=(given,)) as tmp:
             writer = SafetensorsWriter(tmp, max_shard_bytes or record.shard_bytes or DEFAULT_SHARD_BYTES,
                                        planned=announced)
-            for name, tensor in reader.read(sharding, max_group_bytes=READ_GROUP_BYTES):
-                bar.update(tensor.nbytes)
-                checksums.check_tensor(name, tensor)
-                if not allow_nonfinite:
-                    refuse_nonfinite(name, tensor, mcore_dir)
-                for official, piece in plan.tensor(name).split(tensor):
-                    for written_name, written in _exported(official, piece, forms[official], originals, report):
-                        writer.write(prefix + written_name, written)
+            jobs = Jobs(reader.groups(sharding, READ_GROUP_BYTES))
+            counted = threading.Lock()
+
+            def work(_: int) -> None:
+                while (group := jobs.take()) is not None:
+                    for name, tensor in reader.read_group(group):
+                        bar.update(tensor.nbytes)
+                        checksums.check_tensor(name, tensor)
+                        if not allow_nonfinite:
+                            refuse_nonfinite(name, tensor, mcore_dir)
+                        for official, piece in plan.tensor(name).split(tensor):
+                            written, fresh_blocks = _exported(official, piece, forms[official], originals)
+                            for written_name, written_tensor in written:
+                                writer.write(prefix + written_name, written_tensor)
+                            if fresh_blocks is not None:
+                                with counted:
+                                    report.quantised_tensors += 1
+                                    report.fresh_scale_blocks += fresh_blocks
+
+            run_workers(work, workers, jobs)
             for name in carried_names:
                 writer.write(name, carried.get(name))
             report.carried = len(carried_names)
@@ -565,17 +585,14 @@ def _record_tensors(mcore_dir: str, kept: str) -> SafetensorsCheckpoint | None:
     return SafetensorsCheckpoint(directory) if os.path.isdir(directory) else None
 
 
-def _exported(official: str, tensor: torch.Tensor, form: ExportForm, originals, report: ExportReport):
-    """(name, tensor) pairs export writes for one official tensor in its export form."""
+def _exported(official: str, tensor: torch.Tensor, form: ExportForm, originals):
+    """([(name, tensor)] export writes for one official tensor in its export form, the number of its blocks
+    that got a fresh scale (None if it is not quantised))."""
     if isinstance(form, torch.dtype):
-        yield official, tensor.to(form)
-        return
+        return [(official, tensor.to(form))], None
     original = originals.get(scale_name(official)) if originals is not None else None
     stored, scale, fresh = requantise(tensor.contiguous(), form, original)
-    report.quantised_tensors += 1
-    report.fresh_scale_blocks += fresh
-    yield official, stored.view(form.torch_dtype)
-    yield scale_name(official), scale
+    return [(official, stored.view(form.torch_dtype)), (scale_name(official), scale)], fresh
 
 
 # --- whole models (small checkpoints; `bridge.verify` checks released sizes layer by layer) -------

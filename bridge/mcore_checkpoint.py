@@ -21,10 +21,12 @@ import dataclasses
 import errno
 import os
 import pickle
+import threading
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.utils.serialization.config as serialization_config
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
@@ -41,6 +43,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, WriteIte
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.storage import WriteResult
 
+from bridge.workers import Jobs, run_workers
 from megatron_v4.model import DeepSeekV4Model
 
 Materialise = Callable[[str], torch.Tensor]
@@ -111,83 +114,119 @@ def _chunk_id(sharded: ShardedTensor) -> tuple[str, tuple[int, ...]]:
 
 # --- writing --------------------------------------------------------------------------------------------
 class _LazySavePlanner(MCoreSavePlanner):
-    """Megatron-Core's save planner, with tensor items materialised per parameter when the writer reaches them.
+    """Megatron-Core's save planner, whose tensor items are materialised per parameter by the writer.
 
-    Items are ordered by their parameter's place in `order`, so that a parameter saved as
-    several chunks (a factory) is materialised once, and the source is read in order.
+    Items are ordered by their parameter's place in `order`, so that the source is read
+    in order; `chunks(name)` materialises one parameter and gives the data of each of
+    its chunks (a factory saves several).
     """
 
     def __init__(self, owner_of: dict, sharding: dict, order: list[str], materialise: Materialise, on_written):
         super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False, flatten_sharded_tensors=False)
         self.owner_of, self.sharding, self.materialise, self.on_written = owner_of, sharding, materialise, on_written
         self.position = {name: i for i, name in enumerate(order)}
-        self.cached_name: str | None = None
-        self.cached_chunks: dict = {}
 
     def create_local_plan(self):
         plan = super().create_local_plan()
-
-        def place(item):
-            if item.type == WriteItemType.BYTE_IO:
-                return -1
-            return self.position[self.owner_of[(item.index.fqn, tuple(item.index.offset))]]
-
-        self.plan = dataclasses.replace(plan, items=sorted(plan.items, key=place))
+        self.plan = dataclasses.replace(plan, items=sorted(plan.items, key=self.place))
         return self.plan
 
-    def resolve_data(self, write_item):
-        if write_item.type == WriteItemType.BYTE_IO:
-            return super().resolve_data(write_item)
-        chunk_id = (write_item.index.fqn, tuple(write_item.index.offset))
-        name = self.owner_of[chunk_id]
-        if self.cached_name != name:
-            self.cached_name, self.cached_chunks = None, {}
-            full = self.materialise(name)
-            self.cached_chunks = {_chunk_id(s): s.data for s in _built(self.sharding[name], full)}
-            self.cached_name = name
-            self.on_written(name, full)
-        placeholder = super().resolve_data(write_item)
-        data = self.cached_chunks[chunk_id].reshape(placeholder.shape)
-        return data.contiguous().clone() if data.untyped_storage().nbytes() != data.nbytes else data
+    def place(self, item) -> int:
+        if item.type == WriteItemType.BYTE_IO:
+            return -1
+        return self.position[self.owner(item)]
+
+    def owner(self, item) -> str | None:
+        """The parameter a tensor item belongs to (None for a bytes item)."""
+        if item.type == WriteItemType.BYTE_IO:
+            return None
+        return self.owner_of[(item.index.fqn, tuple(item.index.offset))]
+
+    def chunks(self, name: str) -> dict[tuple[str, tuple[int, ...]], torch.Tensor]:
+        full = self.materialise(name)
+        chunks = {_chunk_id(s): s.data for s in _built(self.sharding[name], full)}
+        self.on_written(name, full)
+        return chunks
+
+
+def _own_storage(data: torch.Tensor) -> torch.Tensor:
+    """`data` as a tensor whose storage holds exactly its bytes (`torch.save` writes a tensor's whole
+    storage): a contiguous view shares the parent's memory through a storage slice; others are copied."""
+    if data.untyped_storage().nbytes() == data.nbytes:
+        return data
+    if not data.is_contiguous():
+        return data.contiguous()
+    begin = data.storage_offset() * data.element_size()
+    storage = data.untyped_storage()[begin:begin + data.nbytes]
+    return torch.empty(0, dtype=data.dtype).set_(storage, 0, data.shape)
 
 
 class _StreamingWriter(FileSystemWriter):
-    """DCP's file writer, writing one item at a time into one file and keeping no reference to written data.
+    """DCP's file writer with `workers` threads, each writing whole parameters into its own `.distcp`
+    file, one item at a time, keeping no reference to written data.
 
-    (DCP's own loop keeps every tensor of a file alive until the file is complete.)
+    (DCP's own loop keeps every tensor of a file alive until the file is complete.) The
+    threads take parameters in order from one queue; torch's copies and arithmetic,
+    SHA-256 and file I/O release the GIL, so reading, converting and writing overlap.
     """
 
-    def write_data(self, plan, planner) -> torch.futures.Future:
-        file_name = f"{plan.storage_data.prefix}0.distcp"
-        try:
-            results = self._write_file(os.path.join(self.path, file_name), file_name, plan, planner)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise OSError(e.errno, f"{e.strerror} while writing {os.path.join(self.path, file_name)}; free some "
-                          "space or choose another --out") from e  # a full disk names no file by itself
+    def __init__(self, path: str, workers: int = 1):
+        super().__init__(path, single_file_per_rank=True, thread_count=1)
+        self.workers = workers
+
+    def write_data(self, plan, planner: _LazySavePlanner) -> torch.futures.Future:
+        by_owner: dict[str | None, list] = {}
+        for item in plan.items:
+            by_owner.setdefault(planner.owner(item), []).append(item)
+        jobs = Jobs(list(by_owner.items()))
+        lock = threading.Lock()
+        results: list[WriteResult] = []
+
+        def work(index: int) -> None:
+            file_name = f"{plan.storage_data.prefix}{index}.distcp"
+            path = os.path.join(self.path, file_name)
+            job = jobs.take()
+            if job is None:
+                return  # more workers than parameters: no empty file
+            try:
+                with open(path, "wb") as stream:
+                    while job is not None:
+                        written = self._write_job(stream, file_name, planner, *job)
+                        with lock:
+                            results.extend(written)
+                        job = jobs.take()
+                    stream.flush()
+                    os.fsync(stream.fileno())
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise OSError(e.errno, f"{e.strerror} while writing {path}; free some space or choose another "
+                              "--out") from e  # a full disk names no file by itself
+
+        run_workers(work, self.workers, jobs)
         future = torch.futures.Future()
         future.set_result(results)
         return future
 
     @staticmethod
-    def _write_file(path: str, file_name: str, plan, planner) -> list[WriteResult]:
+    def _write_job(stream, file_name: str, planner: _LazySavePlanner, owner: str | None, items) -> list[WriteResult]:
+        chunks = planner.chunks(owner) if owner is not None else {}
         results = []
-        with open(path, "wb") as stream:
-            items = sorted(plan.items, key=lambda item: item.type != WriteItemType.BYTE_IO)
-            for item in items:
+        for item in items:
+            if owner is None:
                 data = planner.resolve_data(item)
-                offset = stream.tell()
-                if item.type == WriteItemType.BYTE_IO:
-                    stream.write(data.getbuffer())
-                else:
-                    torch.save(data, stream)
-                del data
-                length = stream.tell() - offset
-                results.append(WriteResult(index=item.index, size_in_bytes=length,
-                                           storage_data=_StorageInfo(file_name, offset, length)))
-            stream.flush()
-            os.fsync(stream.fileno())
+            else:
+                data = chunks.pop((item.index.fqn, tuple(item.index.offset)))
+                data = _own_storage(data.reshape(item.tensor_data.chunk.sizes))
+            offset = stream.tell()
+            if item.type == WriteItemType.BYTE_IO:
+                stream.write(data.getbuffer())
+            else:
+                torch.save(data, stream)
+            del data
+            length = stream.tell() - offset
+            results.append(WriteResult(index=item.index, size_in_bytes=length,
+                                       storage_data=_StorageInfo(file_name, offset, length)))
         return results
 
 
@@ -197,11 +236,14 @@ def write_checkpoint(
     materialise: Materialise,
     order: Iterable[str] | None = None,
     on_written: Callable[[str, torch.Tensor], None] = lambda name, tensor: None,
+    workers: int = 1,
 ) -> None:
     """Write a Megatron-Core `torch_dist` checkpoint of a (meta) model's `sharded_state_dict()`.
 
     `materialise(name)` gives each parameter's full tensor, called once per parameter,
-    in `order` (default: the state dict's). `on_written(name, tensor)` follows each call.
+    in `order` (default: the state dict's) by `workers` threads, each writing its own
+    `.distcp` file (one `.metadata` describes them all). `on_written(name, tensor)` follows
+    each call, in the same thread; both must be thread-safe when `workers > 1`.
     """
     sharding = parameter_sharding(sharded_state_dict)
     order = list(order) if order is not None else list(sharding)
@@ -218,8 +260,11 @@ def write_checkpoint(
     pyt_state_dict = mcore_to_pyt_state_dict(by_key, is_loading=False)
 
     planner = _LazySavePlanner(owner_of, sharding, order, materialise, on_written)
-    writer = _StreamingWriter(out_dir, single_file_per_rank=True, thread_count=1)
-    dcp.save(pyt_state_dict, storage_writer=writer, planner=planner, no_dist=True)
+    writer = _StreamingWriter(out_dir, workers)
+    # The zip records' CRC-32 would double torch.save's time; DCP files carry no checksum that is checked on
+    # loading, and ours are in the bridge's checksums.json.
+    with serialization_config.patch({"save.compute_crc32": False}):
+        dcp.save(pyt_state_dict, storage_writer=writer, planner=planner, no_dist=True)
     strategy = TorchDistSaveShardedStrategy()
     save_config(CheckpointingConfig(strategy.backend, strategy.version), out_dir)
 
@@ -331,6 +376,11 @@ class CheckpointReader:
 
     def read(self, names: Iterable[str], max_group_bytes: int = 1 << 30) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor in its stored dtype) of model parameters, loaded in groups of bounded size."""
+        for group in self.groups(names, max_group_bytes):
+            yield from self.read_group(group)
+
+    def groups(self, names: Iterable[str], max_group_bytes: int) -> Iterator[list[str]]:
+        """`names` in consecutive groups of at most `max_group_bytes` (or one parameter), each one DCP read."""
         group, group_bytes = [], 0
         for name in names:
             if name not in self.sharding:
@@ -338,14 +388,15 @@ class CheckpointReader:
             data = self.sharding[name].data
             size = data.numel() * data.element_size()
             if group and group_bytes + size > max_group_bytes:
-                yield from self._read_group(group)
+                yield group
                 group, group_bytes = [], 0
             group.append(name)
             group_bytes += size
         if group:
-            yield from self._read_group(group)
+            yield group
 
-    def _read_group(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    def read_group(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) of each parameter of a group, read in one DCP read (threads may read at once)."""
         items, destinations, pieces = [], {}, {}
         structures = {name: _structure(self.sharding[name]) for name in names}
         for name in names:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 GB = 1e9
@@ -17,14 +18,16 @@ class Progress:
         self.bytes = 0
         self.start = time.monotonic()
         self._last = 0.0
+        self._lock = threading.Lock()  # conversion workers update one bar from several threads
 
     def update(self, nbytes: int, tensors: int = 1) -> None:
-        self.tensors += tensors
-        self.bytes += nbytes
-        now = time.monotonic()
-        if now - self._last >= self.every_s:
-            self._last = now
-            self._print(end="\r")
+        with self._lock:
+            self.tensors += tensors
+            self.bytes += nbytes
+            now = time.monotonic()
+            if now - self._last >= self.every_s:
+                self._last = now
+                self._print(end="\r")
 
     def close(self) -> None:
         self._print(end="\n")

@@ -10,16 +10,18 @@ Reading parses the headers once and then reads each tensor, or the rows of it th
 a caller needs, with plain file reads: a memory map would keep every byte read
 resident in the process until the file is closed.
 
-Writing streams: each shard's header is written first and each tensor's bytes are
-appended as they come, so memory holds one tensor. When the caller announces every
-tensor beforehand (`planned`), shards are laid out from the announcement; otherwise
-tensors are held until a shard is full.
+Writing streams: each shard's header is written first and each tensor's bytes go to
+disk as they come, so memory holds one tensor. When the caller announces every
+tensor beforehand (`planned`), shards are laid out from the announcement and each
+tensor is written at its place, in any order and from any thread; otherwise tensors
+are held until a shard is full.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -218,9 +220,10 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
 class SafetensorsWriter:
     """Writes tensors as `model.safetensors`, or as shards of at most `max_shard_bytes` plus an index.
 
-    With `planned` (every tensor's name, dtype and shape, in the order they will be
-    written) each tensor goes to disk as it is written; without, tensors are held
-    until their shard is full. `close()` returns the file names.
+    With `planned` (every tensor's name, dtype and shape, in the order the shards hold
+    them) each tensor goes to disk at its planned place as it is written, in any order
+    and from several threads at once; without, tensors are held until their shard is
+    full. `close()` returns the file names.
     """
 
     def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int | None = None,
@@ -232,11 +235,18 @@ class SafetensorsWriter:
         self._seen: set[str] = set()
         self.total_bytes = 0
         self.shard_count = 0
-        self._stream = None
-        self._expected: list[PlannedTensor] = []
         self._held: list[tuple[PlannedTensor, torch.Tensor]] = []
         self._held_bytes = 0
-        self._planned = None if planned is None else self._shards_of(list(planned))
+        self._lock = threading.Lock()
+        self._places: dict[str, tuple[PlannedTensor, int, int]] = {}
+        """Planned tensor name -> (its announcement, its shard, its data's offset in the shard file)."""
+        self._shards: list[list[PlannedTensor]] = []
+        self._open_files: dict[int, int] = {}
+        self._unwritten: list[int] = []
+        """Per planned shard, how many of its tensors are not written yet."""
+        if planned is not None:
+            for shard in self._shards_of(list(planned)):
+                self._plan_shard(shard)
 
     def _full(self, shard_bytes: int, size: int) -> bool:
         return self.max_shard_bytes is not None and shard_bytes > 0 and shard_bytes + size > self.max_shard_bytes
@@ -251,25 +261,41 @@ class SafetensorsWriter:
             size += tensor.nbytes
         yield shard
 
+    def _plan_shard(self, shard: list[PlannedTensor]) -> None:
+        data_start = len(self._header(shard))
+        offset = 0
+        for planned in shard:
+            self._places[planned.name] = (planned, len(self._shards), data_start + offset)
+            offset += planned.nbytes
+        self._shards.append(shard)
+        self._unwritten.append(len(shard))
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._seen:
-            raise ValueError(f"tensor {name!r} written twice")
-        self._seen.add(name)
-        if self._planned is None:
-            self._hold(name, tensor)
-            return
-        if not self._expected:
-            shard = next(self._planned, None)
-            if shard is None:
+        with self._lock:
+            if name in self._seen:
+                raise ValueError(f"tensor {name!r} written twice")
+            self._seen.add(name)
+            if not self._shards:
+                self._hold(name, tensor)
+                return
+            place = self._places.get(name)
+            if place is None:
                 raise ValueError(f"tensor {name!r} was not planned (every planned tensor is written)")
-            self._open(shard)
-        planned = self._expected.pop(0)
-        if (name, tensor.dtype, tuple(tensor.shape)) != (planned.name, planned.dtype, planned.shape):
-            raise ValueError(f"tensor {name!r} {tensor.dtype} {tuple(tensor.shape)} arrived where "
-                             f"{planned.name!r} {planned.dtype} {planned.shape} was planned")
-        self._stream.write(_raw_bytes(tensor))
-        if not self._expected:
-            self._close_stream()
+            planned, shard, offset = place
+            if (tensor.dtype, tuple(tensor.shape)) != (planned.dtype, planned.shape):
+                raise ValueError(f"tensor {name!r} arrived as {tensor.dtype} {tuple(tensor.shape)}; "
+                                 f"{planned.dtype} {planned.shape} was planned")
+            if shard not in self._open_files:
+                self._open_files[shard] = self._create(self._shards[shard], shard)
+            fd = self._open_files[shard]
+        data = _raw_bytes(tensor)
+        written = 0
+        while written < len(data):  # outside the lock: other threads write to their places meanwhile
+            written += os.pwrite(fd, data[written:], offset + written)
+        with self._lock:
+            self._unwritten[shard] -= 1
+            if not self._unwritten[shard]:
+                self._close_file(self._open_files.pop(shard))
 
     def _hold(self, name: str, tensor: torch.Tensor) -> None:
         planned = PlannedTensor(name, tensor.dtype, tuple(tensor.shape))
@@ -279,48 +305,55 @@ class SafetensorsWriter:
         self._held_bytes += planned.nbytes
 
     def _write_held(self) -> None:
-        self._open([planned for planned, _ in self._held])
+        fd = self._create([planned for planned, _ in self._held], self.shard_count)
         for _, tensor in self._held:
-            self._stream.write(_raw_bytes(tensor))
-        self._expected = []
-        self._close_stream()
+            os.write(fd, _raw_bytes(tensor))
+        self._close_file(fd)
         self._held, self._held_bytes = [], 0
 
     def _shard_file(self, shard: int) -> str:
         return os.path.join(self.out_dir, f"model-{shard + 1:05d}.safetensors.partial")
 
-    def _open(self, shard: list[PlannedTensor]) -> None:
+    @staticmethod
+    def _header(shard: list[PlannedTensor]) -> bytes:
+        """A shard's header: its length (8 bytes, little-endian), then JSON padded so the data starts 8-byte
+        aligned."""
         header, offset = {}, 0
         for planned in shard:
             header[planned.name] = {"dtype": DTYPE_CODES[planned.dtype], "shape": list(planned.shape),
                                     "data_offsets": [offset, offset + planned.nbytes]}
             offset += planned.nbytes
-            self.weight_map[planned.name] = self.shard_count
-        self.total_bytes += offset
         header["__metadata__"] = {"format": "pt"}
         encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
-        self._stream = open(self._shard_file(self.shard_count), "wb")
-        self._stream.write(len(encoded).to_bytes(8, "little"))
-        self._stream.write(encoded)
-        self._expected = list(shard)
-        self.shard_count += 1
+        encoded += b" " * (-len(encoded) % 8)
+        return len(encoded).to_bytes(8, "little") + encoded
 
-    def _close_stream(self) -> None:
-        self._stream.flush()
-        os.fsync(self._stream.fileno())
-        self._stream.close()
-        self._stream = None
+    def _create(self, shard: list[PlannedTensor], number: int) -> int:
+        """Shard `number`'s file, its header written; returns its descriptor, positioned after the header."""
+        for planned in shard:
+            self.weight_map[planned.name] = number
+        self.total_bytes += sum(planned.nbytes for planned in shard)
+        self.shard_count = max(self.shard_count, number + 1)
+        fd = os.open(self._shard_file(number), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        os.write(fd, self._header(shard))
+        return fd
+
+    @staticmethod
+    def _close_file(fd: int) -> None:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> list[str]:
         """Finish the last shard, name the shards and write the index (for several); returns the file names."""
-        if self._planned is None:
+        if not self._shards:
             if self._held or not self.shard_count:
                 self._write_held()
         else:
-            missing = self._expected[:1] or next(self._planned, [])
+            missing = [name for name in self._places if name not in self._seen]
             if missing:
-                raise ValueError(f"tensor {missing[0].name!r} was planned but never written")
+                raise ValueError(f"tensor {missing[0]!r} was planned but never written")
         count = self.shard_count
         files = [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         for shard, file in enumerate(files):
