@@ -98,6 +98,7 @@ from megatron_v4.compressor import build_replicated_linear
 from megatron_v4.config import CSA, SLIDING, DeepSeekV4TransformerConfig
 from megatron_v4.decode_state import AttentionDecodeState
 from megatron_v4.indexer_loss import IndexerLossAutoScaler, IndexerLossTracker
+from megatron_v4.packing import document_positions, document_spans
 from megatron_v4.rope import DeepSeekV4RotaryEmbedding, apply_rotary
 
 # Queries attended at once (see `_attend`): bounds the transient scores, probabilities and gathered
@@ -287,14 +288,23 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             )
         return config.compress_ratios[layer_number - 1]
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, inference_context=None, **kwargs):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        inference_context=None,
+        packed_seq_params=None,
+        **kwargs,
+    ):
         """With `inference_context` (a `DeepSeekV4InferenceContext`): the first forward of a sequence
-        (from position 0) fills this layer's decode state, later ones extend it token by token."""
-        for unsupported in ("inference_params", "packed_seq_params"):
-            if kwargs.get(unsupported) is not None:
-                raise NotImplementedError(
-                    f"DeepSeekV4HybridSelfAttention does not support {unsupported} yet; pass None"
-                )
+        (from position 0) fills this layer's decode state, later ones extend it token by token.
+        With `packed_seq_params` (THD, batch 1; see `megatron_v4.packing`): every document of the row
+        is attended on its own, at positions derived from the boundaries (`position_ids` unread)."""
+        if kwargs.get("inference_params") is not None:
+            raise NotImplementedError("DeepSeekV4HybridSelfAttention does not support inference_params; pass None")
+        if inference_context is not None and packed_seq_params is not None:
+            raise NotImplementedError("decoding does not take packed sequences; decode one sequence per row")
         if inference_context is not None and self.config.sequence_parallel:
             raise NotImplementedError(
                 "decoding with an inference_context needs sequence_parallel=False (one new token "
@@ -307,7 +317,14 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
                 hidden_states, tensor_parallel_output_grad=False, group=self.tp_group
             )
         seq_len, batch, _ = hidden_states.shape
-        positions = self._positions(position_ids, seq_len, batch, hidden_states.device)
+        if packed_seq_params is None:
+            documents = [(0, seq_len)]
+            positions = self._positions(position_ids, seq_len, batch, hidden_states.device)
+        elif batch != 1:
+            raise ValueError(f"a packed row is one sequence (batch 1), got batch {batch}; pack the batch into one row")
+        else:
+            documents = document_spans(packed_seq_params, seq_len)
+            positions = document_positions(packed_seq_params.cu_seqlens_q.to(hidden_states.device)).unsqueeze(1)
         cos, sin = self.rotary(positions)  # [s, b, r/2]
         head_cos, head_sin = cos.unsqueeze(2), sin.unsqueeze(2)
 
@@ -318,7 +335,6 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         key_value = apply_rotary(self.kv_layernorm(self.linear_kv(hidden_states)[0]), cos, sin)
         key_value = copy_to_tensor_model_parallel_region(key_value, group=self.tp_group)
 
-        entries = picks = index_keys = None
         # Only while autograd records: not in evaluation, nor in the no-grad first pass of a recomputed layer.
         indexer_loss_on = (
             self.indexer is not None
@@ -326,6 +342,35 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             and self.training
             and torch.is_grad_enabled()
         )
+        outputs, indexer_kl = [], []
+        for start, end in documents:
+            rows = slice(start, end)
+            output, kl = self._attend_document(
+                hidden_states[rows],
+                q_compressed[rows],
+                query[rows],
+                key_value[rows],
+                positions[rows],
+                indexer_loss_on,
+                inference_context,
+            )
+            outputs.append(output)
+            if kl is not None:
+                indexer_kl.append(kl)
+        output, bias = self._project_output(torch.cat(outputs), head_cos, head_sin)
+        if indexer_kl:
+            # Per token of the whole row (gathered under sequence parallelism): every tensor-parallel
+            # rank holds the same loss and back-propagates it into its own indexer heads.
+            loss = sum(indexer_kl) * (self.config.indexer_loss_coeff / (seq_len * batch))
+            IndexerLossTracker.record(self.layer_number, loss)
+            output = IndexerLossAutoScaler.apply(output, loss)
+        return output, bias
+
+    def _attend_document(self, hidden_states, q_compressed, query, key_value, positions, indexer_loss_on, context):
+        """Compressors, indexer and attention of one sequence (a packed row's document, or the whole
+        row) whose projections are done. Returns the attention output [s, b, H_local, c] and the
+        indexer's summed KL (None when the indexer loss is off or there are no entries)."""
+        entries = picks = index_keys = None
         if self.compressor is not None:
             entries = copy_to_tensor_model_parallel_region(self.compressor(hidden_states), group=self.tp_group)
         if self.topk_attention or indexer_loss_on:
@@ -333,30 +378,16 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             index_keys = self.indexer.compressor(hidden_states.detach())
         if self.topk_attention:
             picks = self.indexer(hidden_states, q_compressed, positions, index_keys)
-        if inference_context is not None:
-            self._start_decode(inference_context, hidden_states, positions, key_value, entries, index_keys)
+        if context is not None:
+            self._start_decode(context, hidden_states, positions, key_value, entries, index_keys)
 
         output, teacher_mass = self._attend(query, key_value, entries, picks, positions, indexer_loss_on)
-        output, bias = self._project_output(output, head_cos, head_sin)
-        if teacher_mass is not None:
-            loss = self._indexer_loss(hidden_states, q_compressed, positions, index_keys, teacher_mass, picks)
-            output = IndexerLossAutoScaler.apply(output, loss)
-        return output, bias
-
-    def _indexer_loss(self, hidden_states, q_compressed, positions, index_keys, teacher_mass, picks):
-        """This micro-batch's indexer loss (`megatron_v4.indexer_loss`), recorded for logging.
-
-        teacher_mass [s, b, entries]: `_attend`'s head-summed entry probabilities of this rank's heads.
-        """
+        if teacher_mass is None:
+            return output, None
         if self.tp_group.size() > 1:
             dist.all_reduce(teacher_mass, group=self.tp_group)
         kl = self.indexer.distillation_loss(hidden_states, q_compressed, positions, index_keys, teacher_mass, picks)
-        # The whole sequence (gathered under sequence parallelism): every tensor-parallel rank holds
-        # the same loss and back-propagates it into its own indexer heads.
-        seq_len, batch = positions.shape
-        loss = kl * (self.config.indexer_loss_coeff / (seq_len * batch))
-        IndexerLossTracker.record(self.layer_number, loss)
-        return loss
+        return output, kl
 
     def _project_output(self, output, head_cos, head_sin):
         """Inverse RoPE, then the grouped output projection; [s, b, H_local, c] -> (out [s, b, D], bias)."""

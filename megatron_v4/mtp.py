@@ -112,11 +112,14 @@ class DeepSeekV4MTPLayer(MegatronModule):
         embeddings: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        packed_seq_params=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """streams [seq, batch, n, hidden], embeddings of the next tokens [seq, batch, hidden]
         -> (this layer's streams, its output hidden states [seq, batch, hidden])."""
         streams = self._combine(embeddings, streams)
-        streams = self.transformer_layer(streams, attention_mask, position_ids, token_ids=None)
+        streams = self.transformer_layer(
+            streams, attention_mask, position_ids, token_ids=None, packed_seq_params=packed_seq_params
+        )
         return streams, self.final_layernorm(self.hc_head(streams))
 
 
@@ -160,12 +163,17 @@ class DeepSeekV4MTPBlock(MegatronModule):
         embedding: torch.nn.Module,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        packed_seq_params=None,
     ) -> list[torch.Tensor]:
-        """Decoder streams, input_ids [batch, seq] -> one output hidden state per MTP layer."""
+        """Decoder streams, input_ids [batch, seq] -> one output hidden state per MTP layer.
+
+        In a packed row (`packed_seq_params`) the ids shift within each document: a document's last
+        token gets id 0 as it would alone (its MTP target lies beyond the document; the loss masks it).
+        """
         outputs = []
         for layer in self.layers:
-            input_ids, _ = roll_tensor(input_ids, shifts=-1, dims=-1)
+            input_ids, _ = roll_tensor(input_ids, shifts=-1, dims=-1, packed_seq_params=packed_seq_params)
             embeddings = embedding(input_ids=input_ids, position_ids=position_ids)
-            streams, hidden = layer(streams, embeddings, attention_mask, position_ids)
+            streams, hidden = layer(streams, embeddings, attention_mask, position_ids, packed_seq_params)
             outputs.append(hidden)
         return outputs

@@ -22,6 +22,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_v4.model import pipeline_micro_batch_size
+from megatron_v4.packing import document_positions, document_spans, packed_seq_params
 
 
 @contextlib.contextmanager
@@ -51,8 +52,12 @@ def forward_logits(
     input_ids: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     micro_batch_size: int | None = None,
+    cu_seqlens: torch.Tensor | list[int] | None = None,
 ) -> torch.Tensor:
     """input_ids [batch, seq] -> float32 logits [batch, seq, vocab] on every rank.
+
+    cu_seqlens: input_ids [1, T] is one packed row of documents with these cumulative lengths
+    (0, ..., T); every document's logits are those it gets alone (`megatron_v4.packing`).
 
     model_chunks: this rank's model chunks (one `DeepSeekV4Model`, or a list of them
     for interleaved pipelines; DDP/Float16Module wrappers are fine). They run in eval
@@ -82,6 +87,16 @@ def forward_logits(
             f"an interleaved pipeline needs at least pp={pp} micro-batches, got {num_microbatches}; "
             f"pass a batch of >= {pp * micro_batch_size} sequences or a smaller micro_batch_size"
         )
+    packed = None
+    if cu_seqlens is not None:
+        if batch != 1:
+            raise ValueError(
+                f"cu_seqlens describe one packed row: input_ids must be [1, T], got {list(input_ids.shape)}"
+            )
+        packed = packed_seq_params(cu_seqlens)
+        document_spans(packed, seq)
+        if position_ids is None:
+            position_ids = document_positions(packed.cu_seqlens_q).unsqueeze(0)
     if position_ids is None:
         position_ids = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
     micro_batches = list(zip(input_ids.split(micro_batch_size), position_ids.split(micro_batch_size)))
@@ -91,7 +106,7 @@ def forward_logits(
 
     def forward_step(data_iterator, model):
         ids, positions = next(data_iterator)
-        return model(ids, position_ids=positions), keep_logits
+        return model(ids, position_ids=positions, packed_seq_params=packed), keep_logits
 
     with torch.no_grad(), evaluation_mode(chunks):
         outputs = get_forward_backward_func()(
