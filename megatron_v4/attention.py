@@ -62,6 +62,12 @@ slice of the (already complete) input gradient. `linear_proj` is the row-paralle
 exit: it reduce-scatters the output back to this rank's slice of the sequence.
 Context parallelism is not supported.
 
+Packed sequences (`packed_seq_params`, Megatron-Core's THD format, batch 1; see
+`megatron_v4.packing`): the projections run over the whole row at positions that restart at
+every document start; the compressors, the indexer (and its loss) and the softmax then run
+document by document, so windows, compressed entries and the indexer's candidates never reach
+into another document and no token pays for another document's length.
+
 Decoding: with an `inference_context` (`megatron_v4.inference.DeepSeekV4InferenceContext`)
 the first forward of a sequence is the ordinary computation above and also keeps the
 layer's decode state (window ring, compressed entries, unfinished compressor windows,
