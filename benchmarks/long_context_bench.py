@@ -19,8 +19,8 @@ import argparse
 import ctypes
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from megatron.core.transformer.spec_utils import build_module
