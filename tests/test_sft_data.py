@@ -20,8 +20,9 @@ import numpy
 import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from pretrain_runs import imported_tiny, launch
 
-from bridge.tiny import CHAT_TEMPLATE_FILE, EOS, tiny_tokenizer
+from bridge.tiny import CHAT_TEMPLATE_FILE, EOS, TINY, make_tiny_model, tiny_tokenizer
 from megatron_v4.training.data import VocabTokenizer, build_dataset
 from megatron_v4.training.sft import ChatRenderer, pack, read_conversations, row_sample
 
@@ -207,3 +208,54 @@ def test_no_loss_across_conversations_even_when_one_opens_with_the_assistant(tmp
     assert sample["cu_seqlens"].tolist() == [0, 3, 6, 9]
     # "a" predicts "b", "b" predicts "c"; "c" ends its conversation.
     assert sample["loss_mask"].tolist() == [1.0, 1.0, 0.0] * 3
+
+
+@pytest.mark.timeout(300)
+def test_sft_run_trains_the_assistant_tokens(tmp_path):
+    """examples/pretrain.py --sft-data on the tiny import, every step one global batch of all rows, several
+    conversations per row. Step 1's loss (before any update) equals transformers' cross-entropy over the
+    assistant tokens of each conversation run alone; after training the same rows' loss is far lower."""
+    tokenizer = tiny_tokenizer()
+    chats = CHATS * 2
+    path = _write_chats(tmp_path / "chats.jsonl", chats)
+    seq_length = 64
+    rows = pack(read_conversations(path), ChatRenderer(tokenizer), seq_length, filler=tokenizer.eos_token_id)
+    assert all(len(row.cu_seqlens) > 3 for row in rows[:-1])  # rows hold several conversations
+    imported = imported_tiny(tmp_path, torch.float32)
+    history = launch(
+        1,
+        [
+            "--load",
+            imported,
+            "--sft-data",
+            path,
+            "--seq-length",
+            str(seq_length),
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            str(len(rows)),
+            "--train-iters",
+            "20",
+            "--warmup-iters",
+            "2",
+            "--lr",
+            "3e-3",
+        ],
+    )
+
+    model = make_tiny_model(TINY, seed=0)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for messages in chats:
+            ids, assistant = _transformers_rendering(tokenizer, messages)
+            logits = model(torch.tensor([ids])).logits[0, :-1]
+            trained = torch.tensor(assistant[1:], dtype=torch.bool)
+            losses = torch.nn.functional.cross_entropy(logits.double(), torch.tensor(ids[1:]), reduction="none")
+            total += losses[trained].sum().item()
+            count += int(trained.sum())
+    reference = total / count
+    first, last = history[0]["loss"], history[-1]["loss"]
+    print(f"assistant-token loss: transformers {reference:.6f}, step 1 {first:.6f}, step 20 {last:.4f}")
+    assert abs(first - reference) <= 1e-5 * reference
+    assert last < 0.5 * first

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
@@ -27,9 +28,20 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), loss_mask.sum()])}
 
 
+def packed_seq_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+    """Megatron-Core's THD description of one packed row's documents (cumulative lengths from 0)."""
+    cu_seqlens = cu_seqlens.to(torch.int32)
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens, max_seqlen_q=longest, max_seqlen_kv=longest
+    )
+
+
 def _forward_step(data_iterator, model):
     batch = {k: v.to(_device()) for k, v in next(data_iterator).items()}
-    per_token_loss = model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+    # A packed micro batch is one row (see DataOrder.micro_batches); its documents stay apart in the model.
+    packed = {"packed_seq_params": packed_seq_params(batch["cu_seqlens"][0])} if "cu_seqlens" in batch else {}
+    per_token_loss = model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"], **packed)
     return per_token_loss, lambda output: _loss_func(batch["loss_mask"], output)
 
 
