@@ -87,19 +87,21 @@ def parse_args(argv: list[str] | None = None):
                    " mock data is not cached)")
     g.add_argument("--pack-documents", action="store_true",
                    help="the end-of-document tokens of --data-path / --text-file divide each sample into documents"
-                   " that attend and predict only within themselves (needs --micro-batch-size 1)")
+                   " that attend and predict only within themselves (one packed row per micro batch)")
     g.add_argument("--sft-data", metavar="FILE",
                    help='chats to fine-tune on: JSONL, one {"messages": [{"role": ..., "content": ...}, ...]} per line;'
                    " loss on the assistant's tokens only; conversations packed into rows of --seq-length tokens"
-                   " (needs --micro-batch-size 1)")
+                   " (one packed row per micro batch)")
     g.add_argument("--chat-template", metavar="FILE",
                    help="Jinja chat template for --sft-data (default: the tokenizer's; DeepSeek-V4's chat mode:"
                    " bridge/deepseek_v4_chat.jinja)")
     g.add_argument("--seq-length", type=int, default=64)
-    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--micro-batch-size", type=int,
+                   help="default 2; packed data (--pack-documents, --sft-data) takes 1 row per micro batch")
     g.add_argument("--global-batch-size", type=int, default=4, help="a multiple of micro-batch-size * dp")
     g.add_argument("--split", default="100,0,0",
-                   help="train,valid,test weights dividing an indexed dataset's documents (e.g. 98,2,0)")
+                   help="train,valid,test weights dividing an indexed dataset's documents or the --sft-data"
+                   " conversations (e.g. 98,2,0)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train-iters", type=int, default=30)
@@ -173,7 +175,10 @@ def check_args(args):
     if args.pack_documents and not (args.data_path or args.text_file):
         raise UsageError("--pack-documents divides the documents of --data-path or --text-file; give one"
                          " (--sft-data packs conversations by itself)")
-    if (args.pack_documents or args.sft_data) and args.micro_batch_size != 1:
+    packed = args.pack_documents or args.sft_data
+    if args.micro_batch_size is None:
+        args.micro_batch_size = 1 if packed else 2
+    if packed and args.micro_batch_size != 1:
         raise UsageError(f"packed rows go one per micro batch (Megatron-Core's THD format): use --micro-batch-size 1"
                          f" (got {args.micro_batch_size}) and a longer --seq-length to pack more")
     dp = world_size() // (args.tp * args.pp)
