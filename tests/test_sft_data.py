@@ -259,3 +259,16 @@ def test_sft_run_trains_the_assistant_tokens(tmp_path):
     print(f"assistant-token loss: transformers {reference:.6f}, step 1 {first:.6f}, step 20 {last:.4f}")
     assert abs(first - reference) <= 1e-5 * reference
     assert last < 0.5 * first
+
+
+def test_sft_run_at_cp2_matches_one_rank(tmp_path):
+    """The same packed chat rows split over two context-parallel ranks (conversations straddle the
+    chunk boundary; cu_seqlens stay whole): the logged losses and grad norms of three steps equal one rank's."""
+    path = _write_chats(tmp_path / "chats.jsonl", CHATS * 2)
+    imported = imported_tiny(tmp_path, torch.float32)
+    argv = ["--load", imported, "--sft-data", path, "--seq-length", "64", "--micro-batch-size", "1",
+            "--global-batch-size", "2", "--train-iters", "3", "--warmup-iters", "1", "--lr", "3e-3"]
+    one_rank, cp2 = launch(1, argv), launch(2, argv + ["--cp", "2"])
+    for key in ("loss", "mtp_loss", "grad_norm"):
+        for single, split in zip(one_rank, cp2):
+            assert abs(split[key] - single[key]) <= 1e-5 * abs(single[key]), (key, one_rank, cp2)
