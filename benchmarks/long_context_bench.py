@@ -2,6 +2,7 @@
 
     python benchmarks/long_context_bench.py                          # 2K..32K, 2 threads
     python benchmarks/long_context_bench.py --lengths 2048 4096 --threads 1
+    python benchmarks/long_context_bench.py --lengths 2048 4096 8192 --cp 2   # adds a CP=2 column
 
 CPU-sized dims (hidden 64, 4 heads of width 64, window 128, CSA top-k 256 of ratio-4 entries, HCA
 ratio 128), float32, batch 1, one rank. For each layer type (sliding, CSA, HCA) and length: our
@@ -10,7 +11,12 @@ DeepSeekV4HybridSelfAttention next to transformers' DeepseekV4Attention (eager, 
 --reference-limit-gb). Time: one forward + backward of sum(output), after a warm-up. Peak memory: the
 process's peak resident memory during that step above what it held before (Linux VmHWM, reset
 through /proc/self/clear_refs). Growth: the ratio to the previous length (linear in s = 2.0 per
-doubling). Every column is one `Variant`; more (e.g. context-parallel sizes) are added to VARIANTS.
+doubling). Every column is one `Variant`.
+
+`--cp N` adds our layer at context parallelism N: N gloo ranks (`run_on_ranks`), each with
+threads / N threads, each holding a contiguous 1/N of the sequence; the column shows the slowest
+rank's time and the largest per-rank peak (the last rank: its gathered input and compressors cover
+the whole prefix, `megatron_v4.attention`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Atten
 
 import megatron_v4
 from megatron_v4.config import DeepSeekV4TransformerConfig
+from megatron_v4.context_parallel import local_chunk
+from megatron_v4.runtime.ranks import run_on_ranks
 from megatron_v4.specs import get_dsv4_attention_spec
 
 HIDDEN, HEADS, HEAD_DIM, ROPE_DIM, Q_LORA, O_GROUPS, O_LORA = 64, 4, 64, 16, 64, 2, 32
@@ -78,9 +86,11 @@ def ours(ratio: int, layout) -> Callable[[int], Callable[[], None]]:
         **layout.config_kwargs(),
     )
     layer = build_module(get_dsv4_attention_spec(use_te=False), config=config, layer_number=1)
+    cp_group = layer.cp_group
 
     def prepare(length: int) -> Callable[[], None]:
-        hidden = torch.randn(length, 1, HIDDEN, requires_grad=True)
+        # Under context parallelism: this rank's contiguous chunk of the sequence.
+        hidden = local_chunk(torch.randn(length, 1, HIDDEN), 0, cp_group).requires_grad_()
 
         def step():
             layer(hidden)[0].sum().backward()
@@ -139,11 +149,39 @@ def reference_gib(ratio: int, length: int) -> float:
     return 4 * (3 * HEADS * length * (length + entries) + length * length) / 2**30
 
 
+def measure_lengths(prepare: Callable[[int], Callable[[], None]], lengths: list[int], fits) -> list:
+    """[(seconds, MiB) or None where it does not fit] of one warmed-up step per length."""
+    results = []
+    for length in lengths:
+        if not fits(length):
+            results.append(None)
+            continue
+        prepare(min(length, 512))()  # warm-up
+        results.append(measure(prepare(length)))
+    return results
+
+
+def context_parallel_rank(ratio: int, lengths: list[int], cp: int, threads: int) -> list:
+    """One rank of `--cp`: our layer on its chunk of every length."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    layout = megatron_v4.initialize(cp=cp)
+    try:
+        return measure_lengths(ours(ratio, layout), lengths, lambda length: True)
+    finally:
+        megatron_v4.destroy()
+
+
+def context_parallel(ratio: int, lengths: list[int], cp: int, threads: int) -> list:
+    """Per length: (the slowest rank's seconds, the largest rank's peak MiB)."""
+    per_rank = run_on_ranks(context_parallel_rank, cp, ratio, lengths, cp, max(threads // cp, 1), timeout=3600)
+    return [(max(r[i][0] for r in per_rank), max(r[i][1] for r in per_rank)) for i in range(len(lengths))]
+
+
 @dataclass
 class Variant:
     name: str
-    build: Callable[[int], Callable[[int], Callable[[], None]]]  # ratio -> length -> step
-    fits: Callable[[int, int], bool]  # (ratio, length) -> run it?
+    run: Callable[[int, list[int]], list]  # (ratio, lengths) -> [(seconds, MiB) or None] per length
 
 
 def main() -> None:
@@ -151,41 +189,43 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reference-limit-gb", type=float, default=3.0)
+    parser.add_argument("--cp", type=int, default=1, help="also run our layer at this context-parallel size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     layout = megatron_v4.initialize()
     variants = [
-        Variant("ours", lambda ratio: ours(ratio, layout), lambda ratio, length: True),
+        Variant("ours", lambda ratio, lengths: measure_lengths(ours(ratio, layout), lengths, lambda length: True)),
         Variant(
             "transformers",
-            reference,
-            lambda ratio, length: reference_gib(ratio, length) <= args.reference_limit_gb,
+            lambda ratio, lengths: measure_lengths(
+                reference(ratio), lengths, lambda length: reference_gib(ratio, length) <= args.reference_limit_gb
+            ),
         ),
     ]
+    if args.cp > 1:
+        variants.append(
+            Variant(f"ours cp={args.cp}", lambda ratio, lengths: context_parallel(ratio, lengths, args.cp, args.threads))
+        )
     header = f"{'layer':8} {'tokens':>7}" + "".join(
         f" | {v.name + ' s':>15} {'x':>5} {v.name + ' MiB':>17} {'x':>5}" for v in variants
     )
     print(header)
     print("-" * len(header))
     for type_name, ratio in LAYER_TYPES.items():
-        builders = [variant.build(ratio) for variant in variants]
-        previous = [None] * len(variants)
-        for length in args.lengths:
+        columns = [variant.run(ratio, args.lengths) for variant in variants]
+        for row_index, length in enumerate(args.lengths):
             row = f"{type_name:8} {length:>7}"
-            for index, (variant, prepare) in enumerate(zip(variants, builders)):
-                if not variant.fits(ratio, length):
+            for column in columns:
+                measured, previous = column[row_index], column[row_index - 1] if row_index else None
+                if measured is None:
                     row += f" | {'(does not fit)':>15} {'':>5} {'':>17} {'':>5}"
-                    previous[index] = None
                     continue
-                prepare(min(length, 512))()  # warm-up
-                seconds, mib = measure(prepare(length))
-                if previous[index] is None:
-                    growth = ("", "")
-                else:
-                    growth = (f"{seconds / previous[index][0]:.1f}", f"{mib / max(previous[index][1], 1e-9):.1f}")
+                seconds, mib = measured
+                growth = ("", "") if previous is None else (
+                    f"{seconds / previous[0]:.1f}", f"{mib / max(previous[1], 1e-9):.1f}"
+                )
                 row += f" | {seconds:>15.2f} {growth[0]:>5} {mib:>17.0f} {growth[1]:>5}"
-                previous[index] = (seconds, mib)
             print(row, flush=True)
     megatron_v4.destroy()
 
