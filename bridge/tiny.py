@@ -6,6 +6,10 @@ identity hyper-connections), with all three attention kinds (ratios 0, 4, 128),
 hash-routed layers, several output groups and 16 indexer heads. transformers
 builds no MTP layer, so the official naming gets synthesised MTP tensors.
 
+Every tiny checkpoint has a tokenizer that fits its 128-token vocabulary: one token per printable
+ASCII character, DeepSeek's special tokens, and DeepSeek-V4's chat mode as its chat template
+(`deepseek_v4_chat.jinja`), so chat data can be rendered offline.
+
 `quantised=True` stores the official naming the way the released checkpoints do:
 FP8 e4m3 with block scales for the attention and shared-expert projections, FP4
 e2m1 with E8M0 scales per 32 inputs for the routed experts, the other weights in
@@ -175,6 +179,33 @@ def make_tiny_mtp(cfg: DeepSeekV4HFConfig = TINY, seed: int = 0) -> dict[str, to
     return out
 
 
+# --- tokenizer ----------------------------------------------------------------------------------
+CHAT_TEMPLATE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepseek_v4_chat.jinja")
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+SPECIAL_TOKENS = ["<unk>", BOS, EOS, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
+"""DeepSeek's spelling (full-width bars, U+2581 for spaces), as the released tokenizers have them."""
+
+
+def tiny_tokenizer():
+    """A `PreTrainedTokenizerFast` of the special tokens and one token per character of "\\n" and printable
+    ASCII (103 tokens, below the tiny vocabulary), with DeepSeek-V4's chat mode as its chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    characters = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + characters)}
+    # BPE without merges: each character is a token.
+    model = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    model.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    model.decoder = decoders.Fuse()
+    with open(CHAT_TEMPLATE_FILE, encoding="utf-8") as f:
+        template = f.read()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=model, bos_token=BOS, eos_token=EOS, unk_token="<unk>", pad_token=EOS,
+        chat_template=template,
+    )
+
+
 # --- quantised storage like the released checkpoints ---------------------------------------------
 def _quantised_like_release(weight: torch.Tensor, fmt: SourceFormat, g: torch.Generator):
     """(stored weight, scale): amax scales, a quarter of the blocks' scales doubled."""
@@ -238,6 +269,7 @@ def make_tiny_checkpoint(
             raise ValueError("transformers' save_pretrained writes no MTP tensors; use with_mtp=False")
         shard = {"max_shard_size": max_shard_bytes} if max_shard_bytes else {}
         model.save_pretrained(out_dir, **shard)
+        tiny_tokenizer().save_pretrained(out_dir)
         return out_dir
     state = dict(model.state_dict())
     if naming == OFFICIAL:
@@ -259,6 +291,7 @@ def make_tiny_checkpoint(
     if quantised:
         state = quantise_like_release(state, seed, fp8_block, fp8_scale_dtype)
     write_safetensors(state.items(), out_dir, max_shard_bytes=max_shard_bytes)
+    tiny_tokenizer().save_pretrained(out_dir)
     return out_dir
 
 

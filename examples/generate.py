@@ -10,6 +10,10 @@
     # a checkpoint converted with `python -m bridge import`, 2 pipeline stages
     torchrun --nproc-per-node 2 examples/generate.py --mcore /data/dsv4-mcore --pp 2 --prompt-ids 5,6,7
 
+    # a long prompt's prefill split over 4 context-parallel ranks: its logits and the first new token
+    torchrun --nproc-per-node 4 examples/generate.py --hf /data/DeepSeek-V4-Flash --cp 4 \
+        --prompt-ids 1,2,3,4,5,6,7,8 --max-new-tokens 1 --save-logits prefill.pt
+
 Input: `--prompt TEXT` (tokenised with the checkpoint's Hugging Face tokenizer, or
 `--tokenizer DIR`; its chat template wraps the text as a user turn when it has
 one, unless `--raw-prompt`) or `--prompt-ids 1,2,3`. `--greedy` picks the most
@@ -19,7 +23,10 @@ checkpoint's end-of-sequence token (`--ignore-eos` to go on). `--no-cache`
 re-runs the whole sequence for every token (for comparison). `--json FILE`
 writes {"tokens": [new ids], "text": ...}; `--save-logits FILE` saves the
 prefill logits (float32 [prompt, vocab], full vocabulary, every position) with
-torch.save. Prints the new tokens, the text and the prefill / decode speed.
+torch.save. Prints the new tokens, the text and the prefill / decode speed. `--cp N` splits
+the prompt over N context-parallel ranks (its length divisible by N) for the prefill only: the decode
+state holds the whole sequence, so with `--cp` the run stops after the first new token
+(`--max-new-tokens 1`); decode several tokens without `--cp`.
 Without `--hf` / `--mcore`, a tiny random checkpoint is written to `--tiny-dir`.
 """
 
@@ -54,6 +61,8 @@ def parse_args(argv):
     parser.add_argument("--ep", type=int, default=1, help="expert-parallel size")
     parser.add_argument("--etp", type=int, default=1, help="expert tensor-parallel size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    parser.add_argument("--cp", type=int, default=1,
+                        help="context-parallel size of the prefill (the prompt split into cp contiguous chunks)")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     prompt.add_argument("--prompt-ids", help="prompt token ids, comma-separated: 1,2,3")
@@ -79,9 +88,14 @@ def parse_args(argv):
 
 def check_args(args):
     """Mistakes a user makes, answered before PyTorch and Megatron-Core are imported."""
-    check_world_size("examples/generate.py", tp=args.tp, pp=args.pp)
+    check_world_size("examples/generate.py", tp=args.tp, pp=args.pp, cp=args.cp)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.cp > 1 and args.max_new_tokens > 1:
+        raise UsageError(
+            f"--cp {args.cp} splits the prompt's prefill only (the decode state holds the whole sequence): "
+            "use --max-new-tokens 1 for the prefill logits and first token, or drop --cp to decode"
+        )
     config_dir = None
     if args.hf:
         config_dir = existing_directory(args.hf, "--hf")
@@ -102,6 +116,11 @@ def check_args(args):
             raise UsageError(f"--prompt-ids {args.prompt_ids!r}: give comma-separated integers, e.g. 1,2,3")
         if not args.prompt_token_ids:
             raise UsageError("--prompt-ids is empty; give comma-separated integers, e.g. 1,2,3")
+        if len(args.prompt_token_ids) % args.cp:
+            raise UsageError(
+                f"--cp {args.cp} splits the prompt into equal chunks: {len(args.prompt_token_ids)} prompt "
+                f"tokens are not divisible by {args.cp}; give a multiple of {args.cp} tokens"
+            )
         if config_dir:
             config = read_json(os.path.join(config_dir, CONFIG_FILE), CONFIG_FILE)
             vocab = config.get("vocab_size")

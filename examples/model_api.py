@@ -29,4 +29,17 @@ per_token_loss = model(input_ids, labels=torch.roll(input_ids, -1, dims=1))   # 
 per_token_loss[:, :-1].mean().backward()
 logits = megatron_v4.forward_logits(model, input_ids)                          # [batch, seq, vocab], eval pass
 print(f"loss {per_token_loss[:, :-1].mean().item():.4f}, logits {tuple(logits.shape)}")
+
+# A packed row of documents (README: Long context).
+input_ids = torch.randint(0, 128, (1, 168), generator=torch.Generator().manual_seed(1))
+labels = torch.roll(input_ids, -1, dims=1)
+from megatron_v4.packing import document_loss_mask, packed_seq_params
+
+cu_seqlens = [0, 37, 38, 168]                       # three documents in one row of 168 tokens
+params = packed_seq_params(cu_seqlens)              # PackedSeqParams(qkv_format="thd", ...)
+per_token = model(input_ids, labels=labels, packed_seq_params=params)  # input_ids [1, 168]
+loss_mask = document_loss_mask(cu_seqlens)          # 0 at each document's last token
+loss = (per_token[0] * loss_mask).sum() / loss_mask.sum()
+logits = megatron_v4.forward_logits(model, input_ids, cu_seqlens=cu_seqlens)  # any layout
+print(f"packed row: loss {loss.item():.4f}, logits {tuple(logits.shape)}")
 megatron_v4.destroy()

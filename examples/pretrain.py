@@ -10,6 +10,10 @@ by `python -m bridge import`, or this script's --save directory, which resumes t
 optimizer, LR schedule, RNG and data position). Data: a prepared Megatron indexed dataset (--data-path
 PREFIX of PREFIX.bin/.idx), a text or JSONL file tokenised with a Hugging Face tokenizer directory
 (--text-file FILE --tokenizer DIR, or a byte-level tokenizer without --tokenizer), or mock data (default).
+--pack-documents keeps the documents of an indexed dataset or text file apart inside each sample (their
+end-of-document tokens divide it). --sft-data FILE fine-tunes on chats (JSONL, one {"messages": [...]} per
+line), rendered with the checkpoint's chat template (or --chat-template FILE), with a loss on the assistant's
+tokens only, whole conversations packed into rows of --seq-length tokens.
 
 Training: Megatron-Core's DistributedDataParallel and optimizers (AdamW, distributed; or Muon for the
 hidden weight matrices and AdamW for the rest, as DeepSeek-V4 trains: --optimizer muon / dist_muon), bf16
@@ -83,11 +87,23 @@ def parse_args(argv: list[str] | None = None):
     g.add_argument("--tokenizer", help="Hugging Face tokenizer directory (--text-file default: UTF-8 bytes)")
     g.add_argument("--data-cache", help="where tokenised text and dataset indices go (default: beside the data;"
                    " mock data is not cached)")
+    g.add_argument("--pack-documents", action="store_true",
+                   help="the end-of-document tokens of --data-path / --text-file divide each sample into documents"
+                   " that attend and predict only within themselves (one packed row per micro batch)")
+    g.add_argument("--sft-data", metavar="FILE",
+                   help='chats to fine-tune on: JSONL, one {"messages": [{"role": ..., "content": ...}, ...]} per line;'
+                   " loss on the assistant's tokens only; conversations packed into rows of --seq-length tokens"
+                   " (one packed row per micro batch)")
+    g.add_argument("--chat-template", metavar="FILE",
+                   help="Jinja chat template for --sft-data (default: the tokenizer's; DeepSeek-V4's chat mode:"
+                   " bridge/deepseek_v4_chat.jinja)")
     g.add_argument("--seq-length", type=int, default=64)
-    g.add_argument("--micro-batch-size", type=int, default=2)
+    g.add_argument("--micro-batch-size", type=int,
+                   help="default 2; packed data (--pack-documents, --sft-data) takes 1 row per micro batch")
     g.add_argument("--global-batch-size", type=int, default=4, help="a multiple of micro-batch-size * dp")
     g.add_argument("--split", default="100,0,0",
-                   help="train,valid,test weights dividing an indexed dataset's documents (e.g. 98,2,0)")
+                   help="train,valid,test weights dividing an indexed dataset's documents or the --sft-data"
+                   " conversations (e.g. 98,2,0)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--train-iters", type=int, default=30)
@@ -155,8 +171,23 @@ def check_args(args):
                 f"--data-path {args.data_path}: {' and '.join(missing)} not found; give the prefix of a "
                 "Megatron indexed dataset (PREFIX.bin and PREFIX.idx), or --text-file FILE"
             )
-    if args.data_path and args.text_file:
-        raise UsageError("--data-path and --text-file both give the data; choose one")
+    if sum(bool(source) for source in (args.data_path, args.text_file, args.sft_data)) > 1:
+        raise UsageError("--data-path, --text-file and --sft-data each give the data; choose one")
+    if args.sft_data and not os.path.isfile(args.sft_data):
+        raise UsageError(f"--sft-data {args.sft_data}: no such file")
+    if args.chat_template and not args.sft_data:
+        raise UsageError("--chat-template renders --sft-data; give --sft-data FILE too")
+    if args.chat_template and not os.path.isfile(args.chat_template):
+        raise UsageError(f"--chat-template {args.chat_template}: no such file")
+    if args.pack_documents and not (args.data_path or args.text_file):
+        raise UsageError("--pack-documents divides the documents of --data-path or --text-file; give one"
+                         " (--sft-data packs conversations by itself)")
+    packed = args.pack_documents or args.sft_data
+    if args.micro_batch_size is None:
+        args.micro_batch_size = 1 if packed else 2
+    if packed and args.micro_batch_size != 1:
+        raise UsageError(f"packed rows go one per micro batch (Megatron-Core's THD format): use --micro-batch-size 1"
+                         f" (got {args.micro_batch_size}) and a longer --seq-length to pack more")
     dp = world_size() // (args.tp * args.pp * args.cp)
     if args.global_batch_size % (args.micro_batch_size * dp):
         raise UsageError(
@@ -178,7 +209,7 @@ def check_args(args):
         raise UsageError(f"--split {args.split}: expected three weights train,valid,test (e.g. 98,2,0)")
     if args.eval_interval < 0 or args.eval_iters < 1:
         raise UsageError("--eval-interval must be >= 0 and --eval-iters >= 1")
-    if args.eval_interval and (args.data_path or args.text_file) and not float(split[1]):
+    if args.eval_interval and (args.data_path or args.text_file or args.sft_data) and not float(split[1]):
         raise UsageError(f"--eval-interval needs a validation share in --split (got {args.split}; e.g. 98,2,0)")
     if args.muon_ns_steps < 1:
         raise UsageError(f"--muon-ns-steps {args.muon_ns_steps} must be at least 1")

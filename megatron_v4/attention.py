@@ -73,6 +73,15 @@ queries, scores and window keys are 1/cp of the work, but the gathered input
 not (the last rank compresses the whole sequence). Exchanging only the halo and
 all-gathering the entries would bring those down too.
 
+Packed sequences (`packed_seq_params`, Megatron-Core's THD format, batch 1; see
+`megatron_v4.packing`): the projections run over the whole row at positions that restart at
+every document start; the compressors, the indexer (and its loss) and the softmax then run
+document by document, so windows, compressed entries and the indexer's candidates never reach
+into another document and no token pays for another document's length. Under context
+parallelism too: cu_seqlens describe the whole row, and each document that overlaps this rank's
+chunk gets its queries on the chunk, its window keys from the halo, and its entries and indexer
+keys compressed from the document's start in the gathered prefix.
+
 Decoding: with an `inference_context` (`megatron_v4.inference.DeepSeekV4InferenceContext`)
 the first forward of a sequence is the ordinary computation above and also keeps the
 layer's decode state (window ring, compressed entries, unfinished compressor windows,
@@ -110,6 +119,7 @@ from megatron_v4.config import CSA, SLIDING, DeepSeekV4TransformerConfig
 from megatron_v4.context_parallel import context_parallel_group, gather_chunks
 from megatron_v4.decode_state import AttentionDecodeState
 from megatron_v4.indexer_loss import IndexerLossAutoScaler, IndexerLossTracker
+from megatron_v4.packing import document_positions, document_spans
 from megatron_v4.rope import DeepSeekV4RotaryEmbedding, apply_rotary
 
 # Queries attended at once (see `_attend`): bounds the transient scores, probabilities and gathered
@@ -296,14 +306,23 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             )
         return config.compress_ratios[layer_number - 1]
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, inference_context=None, **kwargs):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_ids=None,
+        inference_context=None,
+        packed_seq_params=None,
+        **kwargs,
+    ):
         """With `inference_context` (a `DeepSeekV4InferenceContext`): the first forward of a sequence
-        (from position 0) fills this layer's decode state, later ones extend it token by token."""
-        for unsupported in ("inference_params", "packed_seq_params"):
-            if kwargs.get(unsupported) is not None:
-                raise NotImplementedError(
-                    f"DeepSeekV4HybridSelfAttention does not support {unsupported} yet; pass None"
-                )
+        (from position 0) fills this layer's decode state, later ones extend it token by token.
+        With `packed_seq_params` (THD, batch 1; see `megatron_v4.packing`): every document of the row
+        is attended on its own, at positions derived from the boundaries (`position_ids` unread)."""
+        if kwargs.get("inference_params") is not None:
+            raise NotImplementedError("DeepSeekV4HybridSelfAttention does not support inference_params; pass None")
+        if inference_context is not None and packed_seq_params is not None:
+            raise NotImplementedError("decoding does not take packed sequences; decode one sequence per row")
         if inference_context is not None and self.config.sequence_parallel:
             raise NotImplementedError(
                 "decoding with an inference_context needs sequence_parallel=False (one new token "
@@ -321,7 +340,19 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
                 hidden_states, tensor_parallel_output_grad=False, group=self.tp_group
             )
         seq_len, batch, _ = hidden_states.shape
-        positions = self._positions(position_ids, seq_len, batch, hidden_states.device)
+        # Under context parallelism this rank's queries are rows [chunk_start, chunk_start + seq_len) of the
+        # row; packed_seq_params always describe the whole row.
+        cp = self.cp_group.size()
+        chunk_start = self.cp_group.rank() * seq_len
+        if packed_seq_params is None:
+            documents = [(0, seq_len * cp)]
+            positions = self._positions(position_ids, seq_len, batch, hidden_states.device)
+        elif batch != 1:
+            raise ValueError(f"a packed row is one sequence (batch 1), got batch {batch}; pack the batch into one row")
+        else:
+            documents = document_spans(packed_seq_params, seq_len * cp)
+            row_positions = document_positions(packed_seq_params.cu_seqlens_q.to(hidden_states.device))
+            positions = row_positions[chunk_start : chunk_start + seq_len].unsqueeze(1)
         cos, sin = self.rotary(positions)  # [s, b, r/2]
         head_cos, head_sin = cos.unsqueeze(2), sin.unsqueeze(2)
 
@@ -329,15 +360,15 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         query = self.linear_q_up_proj(q_compressed)[0].view(seq_len, batch, self.local_heads, self.head_dim)
         query = apply_rotary(per_head_rms_normalize(query, self.config.layernorm_epsilon), head_cos, head_sin)
 
-        # The key side: this chunk, or under context parallelism every token up to its end.
+        # The key side: this chunk, or under context parallelism every token up to its end; window keys
+        # for the chunk and the window - 1 rows before it.
         key_states, key_positions = self._key_prefix(hidden_states, positions)
-        window_start = max(key_states.shape[0] - seq_len - (self.window - 1), 0)
-        window_states = key_states[window_start:]
+        window_start = max(chunk_start - (self.window - 1), 0)
         window_cos, window_sin = self.rotary(key_positions[window_start:])
-        key_value = apply_rotary(self.kv_layernorm(self.linear_kv(window_states)[0]), window_cos, window_sin)
+        key_value = self.kv_layernorm(self.linear_kv(key_states[window_start:])[0])
+        key_value = apply_rotary(key_value, window_cos, window_sin)
         key_value = copy_to_tensor_model_parallel_region(key_value, group=self.tp_group)
 
-        entries = picks = index_keys = None
         # Only while autograd records: not in evaluation, nor in the no-grad first pass of a recomputed layer.
         indexer_loss_on = (
             self.indexer is not None
@@ -345,26 +376,39 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             and self.training
             and torch.is_grad_enabled()
         )
-        if self.compressor is not None:
-            entries = copy_to_tensor_model_parallel_region(self.compressor(key_states), group=self.tp_group)
-        if self.topk_attention or indexer_loss_on:
-            # Detached: the indexer's keys get gradient from the indexer loss alone.
-            index_keys = self.indexer.compressor(key_states.detach())
-        if self.topk_attention:
-            picks = self.indexer(hidden_states, q_compressed, positions, index_keys)
-        if inference_context is not None:
-            self._start_decode(inference_context, hidden_states, positions, key_value, entries, index_keys)
-
-        output, teacher_mass = self._attend(query, key_value, entries, picks, positions, indexer_loss_on)
-        output, bias = self._project_output(output, head_cos, head_sin)
-        if teacher_mass is not None:
-            loss = self._indexer_loss(hidden_states, q_compressed, positions, index_keys, teacher_mass, picks)
+        outputs, indexer_kl = [], []
+        for document_start, document_end in documents:
+            # The document's queries on this rank, and the document's tokens up to the last of them.
+            query_start, query_end = max(document_start, chunk_start), min(document_end, key_states.shape[0])
+            if query_start >= query_end:
+                continue
+            rows = slice(query_start - chunk_start, query_end - chunk_start)
+            output, kl = self._attend_document(
+                hidden_states[rows],
+                q_compressed[rows],
+                query[rows],
+                key_value[max(document_start, window_start) - window_start : query_end - window_start],
+                key_states[document_start:query_end],
+                positions[rows],
+                indexer_loss_on,
+                inference_context,
+            )
+            outputs.append(output)
+            if kl is not None:
+                indexer_kl.append(kl)
+        output, bias = self._project_output(torch.cat(outputs), head_cos, head_sin)
+        if indexer_kl:
+            # Per token of the whole row (gathered under sequence parallelism): every tensor-parallel
+            # rank holds the same loss and back-propagates it into its own indexer heads. Under context
+            # parallelism this rank's queries are one chunk of the row: its share of the loss.
+            loss = sum(indexer_kl) * (self.config.indexer_loss_coeff / (seq_len * cp * batch))
+            IndexerLossTracker.record(self.layer_number, loss)
             output = IndexerLossAutoScaler.apply(output, loss)
         return output, bias
 
     def _key_prefix(self, hidden_states, positions):
         """The inputs and positions of the tokens this rank's queries may read: its own chunk, or under
-        context parallelism every token from the sequence start to the end of its chunk.
+        context parallelism every token from the row start to the end of its chunk.
 
         The all-gather's backward reduce-scatters: each rank's chunk collects the gradient that every
         rank's keys, compressors and indexer send to it."""
@@ -376,22 +420,33 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         )
         return sequence[:end], gather_chunks(positions, 0, self.cp_group)[:end]
 
-    def _indexer_loss(self, hidden_states, q_compressed, positions, index_keys, teacher_mass, picks):
-        """This micro-batch's indexer loss (`megatron_v4.indexer_loss`), recorded for logging.
+    def _attend_document(
+        self, hidden_states, q_compressed, query, key_value, document_states, positions, indexer_loss_on, context
+    ):
+        """Compressors, indexer and attention of one document (of a packed row, or the whole row) for its
+        queries on this rank, whose projections are done: hidden_states, q_compressed, query and
+        positions are the queries' rows, the last rows of key_value (window keys) and of
+        document_states (the document's inputs from its start). Returns the attention output
+        [s, b, H_local, c] and the indexer's summed KL (None when the indexer loss is off or there are
+        no entries)."""
+        entries = picks = index_keys = None
+        if self.compressor is not None:
+            entries = copy_to_tensor_model_parallel_region(self.compressor(document_states), group=self.tp_group)
+        if self.topk_attention or indexer_loss_on:
+            # Detached: the indexer's keys get gradient from the indexer loss alone.
+            index_keys = self.indexer.compressor(document_states.detach())
+        if self.topk_attention:
+            picks = self.indexer(hidden_states, q_compressed, positions, index_keys)
+        if context is not None:
+            self._start_decode(context, document_states, positions, key_value, entries, index_keys)
 
-        teacher_mass [s, b, entries]: `_attend`'s head-summed entry probabilities of this rank's heads.
-        """
+        output, teacher_mass = self._attend(query, key_value, entries, picks, positions, indexer_loss_on)
+        if teacher_mass is None:
+            return output, None
         if self.tp_group.size() > 1:
             dist.all_reduce(teacher_mass, group=self.tp_group)
         kl = self.indexer.distillation_loss(hidden_states, q_compressed, positions, index_keys, teacher_mass, picks)
-        # The whole sequence (gathered under sequence parallelism): every tensor-parallel rank holds
-        # the same loss and back-propagates it into its own indexer heads.
-        # Under context parallelism this rank's queries are one chunk of the sequence: its share of the loss.
-        seq_len, batch = positions.shape
-        seq_len *= self.cp_group.size()
-        loss = kl * (self.config.indexer_loss_coeff / (seq_len * batch))
-        IndexerLossTracker.record(self.layer_number, loss)
-        return loss
+        return output, kl
 
     def _project_output(self, output, head_cos, head_sin):
         """Inverse RoPE, then the grouped output projection; [s, b, H_local, c] -> (out [s, b, D], bias)."""

@@ -55,20 +55,23 @@ def chunk_start(local_length: int, cp_group: dist.ProcessGroup) -> int:
     return cp_group.rank() * local_length
 
 
-def roll_left(tensor: torch.Tensor, cp_group: dist.ProcessGroup) -> torch.Tensor:
+def roll_left(
+    tensor: torch.Tensor, cp_group: dist.ProcessGroup, boundary_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Shift the last dim (the sequence of [batch, seq] ids, labels or masks) one step left: element i
-    becomes element i + 1 of the whole sequence; the sequence's last element becomes 0.
+    becomes element i + 1 of the whole sequence; the sequence's last element becomes 0. With
+    `boundary_mask` (this chunk's [batch, seq], 0 at the last token of each document of a packed row)
+    the shift stays inside documents: each document's last element becomes 0 too.
 
     Megatron-Core's `roll_tensor` with a CP group expects its zigzag split, so this is the contiguous
     one: the last element of a chunk is the next CP rank's first (an all-gather of first elements)."""
     rolled = tensor.roll(-1, dims=-1)
-    if cp_group.size() == 1:
-        rolled[..., -1] = 0
-        return rolled
-    firsts = gather_chunks(tensor[..., :1], -1, cp_group)
-    rank = cp_group.rank()
-    if rank + 1 < cp_group.size():
-        rolled[..., -1] = firsts[..., rank + 1]
-    else:
-        rolled[..., -1] = 0
+    rolled[..., -1] = 0
+    if cp_group.size() > 1:
+        firsts = gather_chunks(tensor[..., :1], -1, cp_group)
+        rank = cp_group.rank()
+        if rank + 1 < cp_group.size():
+            rolled[..., -1] = firsts[..., rank + 1]
+    if boundary_mask is not None:
+        rolled = rolled * boundary_mask.to(rolled.dtype)
     return rolled

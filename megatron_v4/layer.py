@@ -95,11 +95,13 @@ class DeepSeekV4TransformerLayer(MegatronModule):
         position_ids: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
         inference_context=None,
+        packed_seq_params=None,
     ) -> torch.Tensor:
         """hidden_states: streams [seq, batch, n, hidden] -> streams of the same shape.
 
         position_ids [batch, seq] (full sequence), token_ids [seq, batch] (this rank's tokens),
-        inference_context: a `DeepSeekV4InferenceContext` when decoding (see `megatron_v4.decode_state`).
+        inference_context: a `DeepSeekV4InferenceContext` when decoding (see `megatron_v4.decode_state`),
+        packed_seq_params: the documents of a packed row (see `megatron_v4.packing`).
         """
         x, post, comb = self.hc_attn(hidden_states)
         attention_output, _ = self.self_attention(
@@ -107,6 +109,7 @@ class DeepSeekV4TransformerLayer(MegatronModule):
             attention_mask=attention_mask,
             position_ids=position_ids,
             inference_context=inference_context,
+            packed_seq_params=packed_seq_params,
         )
         hidden_states = HyperConnection.expand(attention_output, hidden_states, post, comb)
 
@@ -189,9 +192,27 @@ class DeepSeekV4TransformerBlock(MegatronModule):
             token_ids = token_ids.chunk(tp_size, dim=0)[get_pg_rank(self.tp_group)]
         return token_ids.contiguous()
 
-    def _run_layers(self, streams, attention_mask, position_ids, token_ids, *, first, last, inference_context=None):
+    def _run_layers(
+        self,
+        streams,
+        attention_mask,
+        position_ids,
+        token_ids,
+        *,
+        first,
+        last,
+        inference_context=None,
+        packed_seq_params=None,
+    ):
         for layer in self.layers[first:last]:
-            streams = layer(streams, attention_mask, position_ids, token_ids, inference_context=inference_context)
+            streams = layer(
+                streams,
+                attention_mask,
+                position_ids,
+                token_ids,
+                inference_context=inference_context,
+                packed_seq_params=packed_seq_params,
+            )
         return streams
 
     def _layer_spans(self) -> list[tuple[int, int, bool]]:
@@ -213,6 +234,7 @@ class DeepSeekV4TransformerBlock(MegatronModule):
         position_ids: torch.Tensor | None = None,
         token_ids: torch.Tensor | None = None,
         inference_context=None,
+        packed_seq_params=None,
     ) -> torch.Tensor:
         """Embeddings [seq, batch, hidden] (first stage; else the received streams) -> streams.
 
@@ -229,7 +251,11 @@ class DeepSeekV4TransformerBlock(MegatronModule):
         token_ids = self.local_token_ids(token_ids)
         for first, last, recompute in self._layer_spans():
             run = functools.partial(
-                self._run_layers, first=first, last=last, inference_context=inference_context
+                self._run_layers,
+                first=first,
+                last=last,
+                inference_context=inference_context,
+                packed_seq_params=packed_seq_params,
             )
             args = (streams, attention_mask, position_ids, token_ids)
             streams = tensor_parallel.checkpoint(run, False, *args) if recompute else run(*args)

@@ -40,6 +40,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
 
@@ -47,8 +48,8 @@ from megatron_v4.config import DeepSeekV4TransformerConfig
 from megatron_v4.context_parallel import chunk_start
 from megatron_v4.layer import DeepSeekV4BlockSubmodules, DeepSeekV4TransformerBlock
 from megatron_v4.mtp import DeepSeekV4MTPBlock, DeepSeekV4MTPBlockSubmodules, attach_mtp_losses
+from megatron_v4.packing import document_loss_mask, document_positions, document_spans
 from megatron_v4.specs import get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
-
 
 
 def pipeline_micro_batch_size(config: DeepSeekV4TransformerConfig, micro_batch_size: int) -> int:
@@ -57,6 +58,7 @@ def pipeline_micro_batch_size(config: DeepSeekV4TransformerConfig, micro_batch_s
     [seq, micro_batch_size * hc_mult, hidden] tensor, and the schedules size their receive buffers
     as [seq_length, micro_batch_size, hidden_size]."""
     return micro_batch_size * config.hc_mult
+
 
 class DeepSeekV4Model(LanguageModule):
     """DeepSeek-V4 (V4-Flash, V4-Pro, or smaller of the same design).
@@ -149,6 +151,7 @@ class DeepSeekV4Model(LanguageModule):
         loss_mask: torch.Tensor | None = None,
         decoder_input: torch.Tensor | None = None,
         inference_context=None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
         """input_ids [batch, seq] -> logits [batch, seq, vocab], or per-token loss [batch, seq] with labels.
 
@@ -159,7 +162,31 @@ class DeepSeekV4Model(LanguageModule):
         `inference_context` (a `megatron_v4.inference.DeepSeekV4InferenceContext`) makes the attention
         layers keep / use their decode state; positions then default to start at its
         `sequence_len_offset`.
+        `packed_seq_params` (`megatron_v4.packing.packed_seq_params(cu_seqlens)`): input_ids [1, T] is a
+        packed row of documents (under context parallelism, this rank's chunk of it; cu_seqlens
+        always describe the whole row). Each document gets what it gets alone: positions restart at its
+        start (position_ids, if given, must say so), attention and MTP stay inside it, and the last
+        token of each document is left out of both losses (its returned per-token loss is 0; the
+        caller's loss_mask should leave it out of its token count, `megatron_v4.packing.document_loss_mask`).
         """
+        boundary_mask = None
+        if packed_seq_params is not None:
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"a packed row is one sequence: input_ids must be [1, T], got {list(input_ids.shape)}")
+            # Under context parallelism input_ids is this rank's chunk; packed_seq_params describe the whole row.
+            chunk = input_ids.shape[1]
+            first = chunk_start(chunk, self.pg_collection.cp)
+            rows = slice(first, first + chunk)
+            cu_seqlens = packed_seq_params.cu_seqlens_q.to(input_ids.device)
+            document_spans(packed_seq_params, chunk * self.pg_collection.cp.size())
+            restarting = document_positions(cu_seqlens)[rows].unsqueeze(0)
+            if position_ids is not None and not torch.equal(position_ids.to(restarting.device), restarting):
+                raise ValueError(
+                    "position_ids of a packed row must restart at 0 at every document start; "
+                    "pass None (they follow from cu_seqlens) or megatron_v4.packing.document_positions"
+                )
+            position_ids = restarting
+            boundary_mask = document_loss_mask(cu_seqlens)[rows].unsqueeze(0)
         if position_ids is None:
             seq = input_ids.shape[1]
             if inference_context is not None:
@@ -175,6 +202,7 @@ class DeepSeekV4Model(LanguageModule):
             position_ids=position_ids,
             token_ids=input_ids,
             inference_context=inference_context,
+            packed_seq_params=packed_seq_params,
         )
         if not self.post_process:
             return streams.flatten(1, 2)
@@ -182,13 +210,20 @@ class DeepSeekV4Model(LanguageModule):
         hidden_states = self.decoder.collapse_streams(streams)
         if self.mtp_process and labels is not None:
             mtp_hidden_states = self.mtp(
-                streams, input_ids, self.embedding, attention_mask=attention_mask, position_ids=position_ids
+                streams,
+                input_ids,
+                self.embedding,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                packed_seq_params=packed_seq_params,
+                boundary_mask=boundary_mask,
             )
             hidden_states = attach_mtp_losses(
                 hidden_states,
                 mtp_hidden_states,
                 labels,
                 loss_mask,
+                boundary_mask,
                 self.output_layer,
                 self.compute_language_model_loss,
                 self.config,
@@ -200,4 +235,5 @@ class DeepSeekV4Model(LanguageModule):
         logits, _ = self.output_layer(hidden_states)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
-        return self.compute_language_model_loss(labels, logits)
+        loss = self.compute_language_model_loss(labels, logits)
+        return loss if boundary_mask is None else loss * boundary_mask

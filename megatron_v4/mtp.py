@@ -16,8 +16,9 @@ labels rolled k+1 more positions, mean over the valid tokens, times
 states with `MTPLossAutoScaler` so that its gradient flows in the main
 loss's backward without changing the returned main loss. Our own copy of it
 rolls the contiguous context-parallel split (`megatron_v4.context_parallel`):
-the shift by one reads the next chunk's first token, and the mean runs over the
-valid tokens of the whole sequence.
+the shift by one reads the next chunk's first token, stops at document ends in a
+packed row (`megatron_v4.packing`), and the mean runs over the valid tokens of
+the whole sequence.
 """
 
 from __future__ import annotations
@@ -121,11 +122,14 @@ class DeepSeekV4MTPLayer(MegatronModule):
         embeddings: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        packed_seq_params=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """streams [seq, batch, n, hidden], embeddings of the next tokens [seq, batch, hidden]
         -> (this layer's streams, its output hidden states [seq, batch, hidden])."""
         streams = self._combine(embeddings, streams)
-        streams = self.transformer_layer(streams, attention_mask, position_ids, token_ids=None)
+        streams = self.transformer_layer(
+            streams, attention_mask, position_ids, token_ids=None, packed_seq_params=packed_seq_params
+        )
         return streams, self.final_layernorm(self.hc_head(streams))
 
 
@@ -170,13 +174,20 @@ class DeepSeekV4MTPBlock(MegatronModule):
         embedding: torch.nn.Module,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        packed_seq_params=None,
+        boundary_mask: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """Decoder streams, input_ids [batch, seq] -> one output hidden state per MTP layer."""
+        """Decoder streams, input_ids [batch, seq] -> one output hidden state per MTP layer.
+
+        In a packed row (`packed_seq_params`, with `boundary_mask` [1, seq] 0 at each document's last
+        token) the ids shift within each document: a document's last token gets id 0 as it would alone
+        (its MTP target lies beyond the document; the loss masks it).
+        """
         outputs = []
         for layer in self.layers:
-            input_ids = roll_left(input_ids, self.cp_group)
+            input_ids = roll_left(input_ids, self.cp_group, boundary_mask)
             embeddings = embedding(input_ids=input_ids, position_ids=position_ids)
-            streams, hidden = layer(streams, embeddings, attention_mask, position_ids)
+            streams, hidden = layer(streams, embeddings, attention_mask, position_ids, packed_seq_params)
             outputs.append(hidden)
         return outputs
 
@@ -186,6 +197,7 @@ def attach_mtp_losses(
     mtp_hidden_states: list[torch.Tensor],
     labels: torch.Tensor,
     loss_mask: torch.Tensor | None,
+    boundary_mask: torch.Tensor | None,
     output_layer: torch.nn.Module,
     compute_language_model_loss,
     config: DeepSeekV4TransformerConfig,
@@ -198,14 +210,17 @@ def attach_mtp_losses(
 
     Each MTP layer's loss is the mean over the valid tokens of the whole sequence; a CP rank
     attaches its share times the CP size (DDP averages the gradients over the CP ranks) and
-    logs the whole sequence's mean."""
+    logs the whole sequence's mean. In a packed row, `boundary_mask` (0 at each document's last token)
+    keeps the shifts inside documents and the targets off the next document."""
     cp = cp_group.size()
     loss_mask = torch.ones_like(labels) if loss_mask is None else loss_mask
+    if boundary_mask is not None:
+        loss_mask = loss_mask * boundary_mask
     scale = config.mtp_loss_scaling_factor / config.mtp_num_layers
     for depth, mtp_hidden in enumerate(mtp_hidden_states):
         logits, _ = output_layer(mtp_hidden)
-        labels = roll_left(labels, cp_group)
-        loss_mask = roll_left(loss_mask, cp_group)
+        labels = roll_left(labels, cp_group, boundary_mask)
+        loss_mask = roll_left(loss_mask, cp_group, boundary_mask)
         num_tokens = loss_mask.sum().float()
         if cp > 1:
             torch.distributed.all_reduce(num_tokens, group=cp_group)

@@ -7,7 +7,8 @@ bias) and the Megatron optimizer (Adam, fp32) for three steps. It returns, as fu
 tensors keyed by the one-rank names, the logits of `forward_logits`, the first
 step's gradients, and the weights and routing buffers after the third step, plus
 each step's main, MTP and indexer losses. With `full=None` (the one-rank reference) it
-first draws random weights and returns them too.
+first draws random weights and returns them too. With `packed=True` every sequence is a packed row of
+documents (`PACKED_ROWS`, megatron_v4.packing) whose boundaries straddle the CP chunk boundaries.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from megatron_v4.config import DeepSeekV4TransformerConfig
 from megatron_v4.context_parallel import local_chunk
 from megatron_v4.indexer_loss import IndexerLossTracker
 from megatron_v4.model import DeepSeekV4Model, pipeline_micro_batch_size
+from megatron_v4.packing import document_loss_mask, packed_seq_params
 from megatron_v4.specs import get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
 from layout_slicing import dsv4_global_name, shard, unshard
 
@@ -33,6 +35,15 @@ VOCAB, SEQ, GLOBAL_BATCH, STEPS = 64, 132, 4, 3
 COMPRESS_RATIOS = [4, 128, 0, 4]  # CSA, HCA, sliding, CSA
 NUM_HASH_LAYERS = 3  # layer 2 is hash-routed and sits on the second stage at pp=2
 NUM_EXPERTS = 4
+# cu_seqlens of global row i when packed. CP chunks end at 33, 66 and 99 (cp=4) or 66 (cp=2); documents
+# and their CSA windows straddle those ends (30-41, 41-70, 64-67, 70-100, 37-132), the 130-token document
+# has an HCA entry, and a 1-token document has no next token to predict at all.
+PACKED_ROWS = [
+    [0, 130, 132],
+    [0, 1, 30, 41, 70, 100, 132],
+    [0, 64, 67, 132],
+    [0, 9, 37, 132],
+]
 
 
 def tiny_config(layout: megatron_v4.ParallelLayout, **overrides) -> DeepSeekV4TransformerConfig:
@@ -136,11 +147,16 @@ def global_batch(step: int) -> torch.Tensor:
 
 
 def _forward_step(data_iterator, model):
-    """One micro-batch of whole sequences; under context parallelism this rank runs its chunk, and its
-    loss is its share of the sequence's mean (the schedule and DDP then sum the shares)."""
-    input_ids = next(data_iterator)
-    loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
-    loss_mask[:, -1] = 0  # the last position has no next token
+    """One micro-batch of whole sequences (or one packed row and its cu_seqlens); under context
+    parallelism this rank runs its chunk, and its loss is its share of the sequence's mean (the schedule
+    and DDP then sum the shares)."""
+    input_ids, cu_seqlens = next(data_iterator)
+    if cu_seqlens is None:
+        loss_mask = torch.ones_like(input_ids, dtype=torch.float32)
+        loss_mask[:, -1] = 0  # the last position has no next token
+        packed = None
+    else:  # nor has any document's last token
+        loss_mask, packed = document_loss_mask(cu_seqlens).unsqueeze(0), packed_seq_params(cu_seqlens)
     labels = torch.roll(input_ids, -1, dims=1)
     num_tokens = loss_mask.sum()
     cp_group = parallel_state.get_context_parallel_group()
@@ -150,7 +166,7 @@ def _forward_step(data_iterator, model):
         share = (per_token * loss_mask).sum() / num_tokens
         return share, {"loss": share.detach().clone()}
 
-    return model(input_ids, labels=labels, loss_mask=loss_mask), loss
+    return model(input_ids, labels=labels, loss_mask=loss_mask, packed_seq_params=packed), loss
 
 
 def _dp_mean(value: torch.Tensor) -> torch.Tensor:
@@ -159,7 +175,11 @@ def _dp_mean(value: torch.Tensor) -> torch.Tensor:
 
 
 def train(
-    layout_kwargs: dict, full: dict | None, config_overrides: dict | None = None, train_steps: bool = True
+    layout_kwargs: dict,
+    full: dict | None,
+    config_overrides: dict | None = None,
+    train_steps: bool = True,
+    packed: bool = False,
 ) -> dict:
     layout = megatron_v4.initialize(**layout_kwargs)
     try:
@@ -177,8 +197,17 @@ def train(
             chunk.eval()
         dp_rank, dp = parallel_state.get_data_parallel_rank(), layout.dp
         share = GLOBAL_BATCH // dp
-        mine = global_batch(0)[dp_rank * share : (dp_rank + 1) * share]
-        result["logits"] = megatron_v4.forward_logits(chunks, mine)
+        rows = range(dp_rank * share, (dp_rank + 1) * share)
+        mine = global_batch(0)[rows.start : rows.stop]
+        if packed:
+            result["logits"] = torch.cat(
+                [
+                    megatron_v4.forward_logits(chunks, mine[i : i + 1], cu_seqlens=PACKED_ROWS[row])
+                    for i, row in enumerate(rows)
+                ]
+            )
+        else:
+            result["logits"] = megatron_v4.forward_logits(chunks, mine)
         result["logits_rows"] = (dp_rank * share, (dp_rank + 1) * share)
         if not train_steps:
             return result
@@ -209,7 +238,8 @@ def train(
             MTPLossLoggingHelper.clean_metrics_in_tracker()
             num_microbatches = share  # one sequence per micro-batch
             batch = global_batch(step)[dp_rank * share : (dp_rank + 1) * share]
-            micro_batches = list(batch.split(1))
+            cu_seqlens = [torch.tensor(PACKED_ROWS[row]) if packed else None for row in rows]
+            micro_batches = list(zip(batch.split(1), cu_seqlens))
             iterators = [iter(micro_batches) for _ in chunks] if len(chunks) > 1 else iter(micro_batches)
             losses = get_forward_backward_func()(
                 forward_step_func=_forward_step,
@@ -254,6 +284,14 @@ def train_runs(runs: list[tuple[dict, dict]], full: dict | None = None) -> list[
         results.append(train(layout_kwargs, full, overrides))
         full = full or results[-1]["initial"]
     return results
+
+
+def train_plain_and_packed(layout_kwargs: dict, full: dict | None, config_overrides: dict | None = None) -> list[dict]:
+    """`train` on whole sequences, then on the same tokens as packed rows, in one group of ranks."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    plain = train(layout_kwargs, full, config_overrides)
+    return [plain, train(layout_kwargs, full or plain["initial"], config_overrides, packed=True)]
 
 
 def save_checkpoint(layout_kwargs: dict, full: dict, directory: str) -> None:

@@ -7,6 +7,11 @@ main/MTP/indexer losses and grad norms of three Adam steps, every parameter's gr
 after the steps). The sequence (132 tokens) gives chunks of 66 and 33 tokens: the HCA layer's only
 entry pools tokens of every chunk, CSA windows straddle the 33-token chunk boundaries, and every
 chunk's sliding window reaches into the previous chunk.
+
+Every layout runs twice in one group of ranks: on whole sequences, and on the same tokens as packed
+rows of documents (`dsv4_layout_ranks.PACKED_ROWS`) whose documents, sliding windows and CSA windows
+straddle the chunk boundaries, each against the one-rank run of the same data (the one-rank packed
+row is checked against transformers per document by tests/test_packed_sequences.py).
 """
 
 from __future__ import annotations
@@ -38,21 +43,28 @@ LAYOUTS = {
 
 
 @pytest.fixture(scope="module")
-def reference():
-    (result,) = run_on_ranks(ranks.train, 1, {}, None, INDEXER_LOSS, timeout=120)
-    return result
+def references():
+    """[whole sequences, packed rows] at one rank."""
+    (results,) = run_on_ranks(ranks.train_plain_and_packed, 1, {}, None, INDEXER_LOSS, timeout=180)
+    return results
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("tag", list(LAYOUTS))
-def test_context_parallel_trains_like_one_rank(reference, tag):
+def test_context_parallel_trains_like_one_rank(references, tag):
     world, layout, placement = LAYOUTS[tag]
-    results = run_on_ranks(ranks.train, world, layout, reference["initial"], INDEXER_LOSS, timeout=240)
-    assert {tuple(map(tuple, result["stage_layers"])) for result in results} == placement
-    _check_logits(results, reference, tag)
-    _check_training(results, reference, tag, weight_tolerance=WEIGHT_TOLERANCE)
-    indexer = max(
-        abs(a - b) / abs(b) for result in results for a, b in zip(result["indexer_losses"], reference["indexer_losses"])
+    per_rank = run_on_ranks(
+        ranks.train_plain_and_packed, world, layout, references[0]["initial"], INDEXER_LOSS, timeout=360
     )
-    print(f"[{tag}] indexer losses relative diff {indexer:.1e}")
-    assert indexer <= 1e-5
+    for run, (data, reference) in enumerate(zip(("whole", "packed"), references)):
+        results, label = [rank_results[run] for rank_results in per_rank], f"{tag} {data}"
+        assert {tuple(map(tuple, result["stage_layers"])) for result in results} == placement
+        _check_logits(results, reference, label)
+        _check_training(results, reference, label, weight_tolerance=WEIGHT_TOLERANCE)
+        indexer = max(
+            abs(a - b) / abs(b)
+            for result in results
+            for a, b in zip(result["indexer_losses"], reference["indexer_losses"])
+        )
+        print(f"[{label}] indexer losses relative diff {indexer:.1e}")
+        assert indexer <= 1e-5

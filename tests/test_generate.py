@@ -23,6 +23,7 @@ from bridge.convert import import_checkpoint
 from generate_ranks import generate_at_layouts, load_generate_example
 from megatron_v4.inference import DeepSeekV4InferenceContext
 from megatron_v4.inference import SamplingParams, generate, sample_next
+from megatron_v4.runtime.command_line import UsageError
 from megatron_v4.runtime.ranks import run_on_ranks
 
 pytestmark = pytest.mark.timeout(300)
@@ -187,3 +188,21 @@ def test_sampling_keeps_only_top_k_and_top_p_tokens():
     assert draws(top_p=0.81) == {1, 3, 2}
     assert draws() == {0, 1, 2, 3}
     assert draws(top_k=1) == {1}
+
+
+def test_cli_prefill_at_cp2_matches_transformers(checkpoint, reference, tmp_path, monkeypatch):
+    """`--cp 2`: the prompt (132 tokens: the HCA layer's entry pools both chunks) split over two ranks;
+    the saved prefill logits and the first new token are transformers'. Decoding under CP is refused."""
+    prompt = prompt_ids(132)
+    logits_file = tmp_path / "logits.pt"
+    runs = [["--hf", str(checkpoint), "--cp", "2", "--save-logits", str(logits_file)]]
+    per_rank = run_on_ranks(generate_at_layouts, 2, prompt[0].tolist(), 1, runs, timeout=200)
+    with torch.no_grad():
+        expected = reference(prompt).logits[0]
+    assert [results[0] for results in per_rank] == [[int(expected[-1].argmax())]] * 2
+    diff = (torch.load(logits_file) - expected).abs().max().item()
+    print(f"prefill at cp=2 vs transformers: logits max |diff| {diff:.2e}")
+    assert diff <= 1e-4
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--cp 2 splits the prompt's prefill only"):
+        load_generate_example().main(["--cp", "2", "--max-new-tokens", "2"])

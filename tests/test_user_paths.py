@@ -84,6 +84,8 @@ MISTAKES = [
     (["examples/pretrain.py", "--data-path", "{tmp}/corpus"], 2, "{tmp}/corpus.bin and {tmp}/corpus.idx not found"),
     (["examples/pretrain.py", "--global-batch-size", "3"], 2, "not a multiple of --micro-batch-size"),
     (["examples/pretrain.py", "--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
+    (["examples/pretrain.py", "--sft-data", "{tmp}/chats.jsonl"], 2, "--sft-data {tmp}/chats.jsonl: no such file"),
+    (["examples/pretrain.py", "--pack-documents"], 2, "--pack-documents divides the documents of --data-path"),
     (["examples/generate.py", "--hf", "{hf}", "--prompt-ids", "1,2,999"], 2, "token id 999 is outside the vocabulary"),
     (["examples/generate.py", "--hf", "{hf}", "--max-new-tokens", "100000000"], 2, "exceed max_position_embeddings"),
     (["examples/generate.py", "--prompt-ids", "1,x"], 2, "give comma-separated integers"),

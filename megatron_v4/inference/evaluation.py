@@ -23,6 +23,7 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_v4.context_parallel import gather_chunks, local_chunk
 from megatron_v4.model import pipeline_micro_batch_size
+from megatron_v4.packing import document_positions, document_spans, packed_seq_params
 
 
 @contextlib.contextmanager
@@ -52,8 +53,13 @@ def forward_logits(
     input_ids: torch.Tensor,
     position_ids: torch.Tensor | None = None,
     micro_batch_size: int | None = None,
+    cu_seqlens: torch.Tensor | list[int] | None = None,
 ) -> torch.Tensor:
     """input_ids [batch, seq] -> float32 logits [batch, seq, vocab] on every rank.
+
+    cu_seqlens: input_ids [1, T] is one packed row of documents with these cumulative lengths
+    (0, ..., T), also under context parallelism; every document's logits are those it gets alone
+    (`megatron_v4.packing`).
 
     model_chunks: this rank's model chunks (one `DeepSeekV4Model`, or a list of them
     for interleaved pipelines; DDP/Float16Module wrappers are fine). They run in eval
@@ -69,6 +75,16 @@ def forward_logits(
     config = get_attr_wrapped_model(chunks[0], "config")
     batch, full_seq = input_ids.shape
     check_token_ids(input_ids, get_attr_wrapped_model(chunks[0], "vocab_size"))
+    packed = None
+    if cu_seqlens is not None:
+        if batch != 1:
+            raise ValueError(
+                f"cu_seqlens describe one packed row: input_ids must be [1, T], got {list(input_ids.shape)}"
+            )
+        packed = packed_seq_params(cu_seqlens)
+        document_spans(packed, full_seq)
+        if position_ids is None:
+            position_ids = document_positions(packed.cu_seqlens_q).unsqueeze(0)
     if position_ids is None:
         position_ids = torch.arange(full_seq, device=input_ids.device).unsqueeze(0).expand(batch, full_seq)
     cp_group = parallel_state.get_context_parallel_group()
@@ -97,7 +113,7 @@ def forward_logits(
 
     def forward_step(data_iterator, model):
         ids, positions = next(data_iterator)
-        return model(ids, position_ids=positions), keep_logits
+        return model(ids, position_ids=positions, packed_seq_params=packed), keep_logits
 
     with torch.no_grad(), evaluation_mode(chunks):
         outputs = get_forward_backward_func()(

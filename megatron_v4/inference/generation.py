@@ -16,6 +16,10 @@ and returns the same tokens:
   from stage i-1 and sends its own on (point-to-point), the last stage picks
   the token and broadcasts it over the pipeline group.
 Virtual (interleaved) pipeline stages are not supported: pass one model chunk.
+
+Context parallelism: the decode state holds a layer's whole sequence, so `generate` runs at CP = 1.
+`prefill(model, prompt_ids, sampling)` runs the prompt at any layout, context parallelism included
+(`forward_logits`: each CP rank a contiguous chunk of the prompt), and picks the first new token.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_v4.inference.decode_context import DeepSeekV4InferenceContext
-from megatron_v4.inference.evaluation import check_token_ids, evaluation_mode
+from megatron_v4.inference.evaluation import check_token_ids, evaluation_mode, forward_logits
 from megatron_v4.model import pipeline_micro_batch_size
 
 
@@ -133,6 +137,20 @@ class _PipelineStage:
                 group=ps.get_pipeline_model_parallel_group(),
             )
         return tensor
+
+
+@torch.no_grad()
+def prefill(model, prompt_ids: torch.Tensor, sampling: SamplingParams | None = None) -> GenerationResult:
+    """The prompt's logits and the first new token, at any layout (context parallelism included: the
+    prompt length must be divisible by the CP size). Every rank passes the same `prompt_ids` [batch, prompt]
+    and gets the same token ([batch, 1]) and `prefill_logits` (float32 [batch, prompt, vocab])."""
+    sampling = sampling or SamplingParams()
+    started = time.perf_counter()
+    logits = forward_logits(model, prompt_ids)
+    first = sample_next(logits[:, -1], sampling, torch.Generator().manual_seed(sampling.seed))
+    return GenerationResult(
+        tokens=first.unsqueeze(1), prefill_logits=logits, prefill_seconds=time.perf_counter() - started
+    )
 
 
 @torch.no_grad()

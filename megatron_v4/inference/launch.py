@@ -13,7 +13,7 @@ import torch.distributed as dist
 from bridge import AutoBridge, make_tiny_checkpoint
 from bridge.checkpoint_dirs import RECORD_DIR
 from bridge.convert import load_megatron_model
-from megatron_v4.inference.generation import SamplingParams, generate
+from megatron_v4.inference.generation import SamplingParams, generate, prefill
 from megatron_v4.runtime.command_line import UsageError
 from megatron_v4.runtime.parallel import destroy, initialize
 
@@ -81,7 +81,7 @@ def run_generation(args) -> dict:
     "prefill_seconds", "decode_tokens_per_second"}."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, None: None}[args.dtype]
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    initialize(tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp, seed=args.seed)
+    initialize(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep, etp=args.etp, seed=args.seed)
     try:
         weights_dir, config_dir = _checkpoint_dirs(args)
         tokenizer = _tokenizer(args.tokenizer or config_dir)
@@ -91,15 +91,19 @@ def run_generation(args) -> dict:
         sampling = SamplingParams(
             greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
         )
-        result = generate(
-            model,
-            torch.tensor([prompt], dtype=torch.long, device=device),
-            args.max_new_tokens,
-            sampling,
-            use_cache=not args.no_cache,
-            keep_prefill_logits=args.save_logits is not None,
-            eos_token_id=None if args.ignore_eos else _eos_token_id(config_dir, tokenizer),
-        )
+        prompt_ids = torch.tensor([prompt], dtype=torch.long, device=device)
+        if args.cp > 1:  # the prefill only (check_args allows one new token)
+            result = prefill(model, prompt_ids, sampling)
+        else:
+            result = generate(
+                model,
+                prompt_ids,
+                args.max_new_tokens,
+                sampling,
+                use_cache=not args.no_cache,
+                keep_prefill_logits=args.save_logits is not None,
+                eos_token_id=None if args.ignore_eos else _eos_token_id(config_dir, tokenizer),
+            )
         tokens = result.tokens[0].tolist()
         text = tokenizer.decode(tokens, skip_special_tokens=True) if tokenizer is not None else None
         summary = {
@@ -113,8 +117,13 @@ def run_generation(args) -> dict:
             print(f"prompt: {len(prompt)} tokens; new tokens ({len(tokens)}): {tokens}")
             if text is not None:
                 print(f"text: {text}")
-            print(f"prefill {result.prefill_seconds:.3f} s ({len(prompt) / result.prefill_seconds:.1f} tokens/s); "
-                  f"decode ({mode}) {result.decode_tokens_per_second:.2f} tokens/s over {result.decode_steps} steps")
+            speed = f"prefill {result.prefill_seconds:.3f} s ({len(prompt) / result.prefill_seconds:.1f} tokens/s)"
+            if args.cp > 1:
+                speed += f" over {args.cp} context-parallel ranks"
+            else:
+                speed += (f"; decode ({mode}) {result.decode_tokens_per_second:.2f} tokens/s over "
+                          f"{result.decode_steps} steps")
+            print(speed)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump({"tokens": tokens, "text": text}, f)

@@ -1,6 +1,7 @@
 """Training data: Megatron-Core's `GPTDataset` over an indexed (.bin/.idx) dataset, a text/JSONL file
 tokenised into one, or `MockGPTDataset`; batches are drawn in a fixed order from a sample counter, so a
-resumed run sees the same data."""
+resumed run sees the same data. With `pack_documents` the end-of-document tokens inside a sample divide it
+into documents (`cu_seqlens`), which the model keeps apart."""
 
 from __future__ import annotations
 
@@ -100,11 +101,14 @@ def build_dataset(
     cache_dir: str | None = None,
     split: str = "100,0,0",
     valid_samples: int = 0,
+    pack_documents: bool = False,
 ) -> tuple[GPTDataset, GPTDataset | None]:
     """(train, validation) `GPTDataset`s (kind "indexed" or "mock") of at least `num_samples` and
     `valid_samples` samples of seq_length + 1 tokens. An indexed dataset's documents are divided by
     `split` (Megatron's "train,valid,test" weights); mock validation data is a differently seeded mock set.
-    The validation set is None when `valid_samples` is 0."""
+    The validation set is None when `valid_samples` is 0. With `pack_documents` each sample also has its
+    documents' boundaries (`DocumentBoundaries`) and no loss where an end-of-document token would predict
+    the next document's first token (Megatron's `eod_mask_loss`)."""
 
     def config(random_seed: int) -> GPTDatasetConfig:
         return GPTDatasetConfig(
@@ -115,7 +119,7 @@ def build_dataset(
             tokenizer=tokenizer,
             reset_position_ids=False,
             reset_attention_mask=False,
-            eod_mask_loss=False,
+            eod_mask_loss=pack_documents,
             create_attention_mask=False,
             path_to_cache=cache_dir,
         )
@@ -127,11 +131,36 @@ def build_dataset(
             valid, _, _ = BlendedMegatronDatasetBuilder(
                 MockGPTDataset, [valid_samples, 0, 0], lambda: True, config(seed + 1)
             ).build()
-        return train, valid
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [num_samples, valid_samples, 0], lambda: True, config(seed)
-    ).build()
-    return train, (valid if valid_samples else None)
+    else:
+        train, valid, _ = BlendedMegatronDatasetBuilder(
+            GPTDataset, [num_samples, valid_samples, 0], lambda: True, config(seed)
+        ).build()
+        valid = valid if valid_samples else None
+    if pack_documents:
+        train, valid = (None if d is None else DocumentBoundaries(d, tokenizer.eod) for d in (train, valid))
+    return train, valid
+
+
+def eod_boundaries(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """cu_seqlens of a sample whose documents each end with the end-of-document token: 0, the position
+    after every such token, and the sample length."""
+    ends = (torch.nonzero(tokens == eod).flatten() + 1).tolist()
+    return torch.tensor([0, *(e for e in ends if e < len(tokens)), len(tokens)], dtype=torch.int32)
+
+
+class DocumentBoundaries:
+    """A `GPTDataset` whose samples also carry `cu_seqlens`, their documents' boundaries."""
+
+    def __init__(self, dataset: GPTDataset, eod: int):
+        self.dataset = dataset
+        self.eod = eod
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.dataset[index]
+        return {**sample, "cu_seqlens": eod_boundaries(torch.as_tensor(sample["tokens"]), self.eod)}
 
 
 @dataclass
@@ -153,7 +182,6 @@ class DataOrder:
         for m in range(self.num_microbatches):
             start = first + (m * self.dp_size + self.dp_rank) * self.micro_batch_size
             samples = [dataset[i] for i in range(start, start + self.micro_batch_size)]
-            yield {
-                key: torch.stack([torch.as_tensor(sample[key]) for sample in samples])
-                for key in ("tokens", "labels", "loss_mask")
-            }
+            # Packed samples carry cu_seqlens, one row per micro batch (Megatron-Core's THD format).
+            keys = [key for key in ("tokens", "labels", "loss_mask", "cu_seqlens") if key in samples[0]]
+            yield {key: torch.stack([torch.as_tensor(sample[key]) for sample in samples]) for key in keys}

@@ -14,10 +14,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from transformers import AutoTokenizer
 
 from bridge import AutoBridge, read_hf_config
+from bridge.checkpoint_dirs import RECORD_DIR, SOURCE_FILES_DIR
 from bridge.convert import SourceRecord, fresh_record, load_model_weights, record_of_hf_checkpoint
-from bridge.tiny import TINY
+from bridge.tiny import TINY, tiny_tokenizer
 from megatron_v4.config import CSA
 from megatron_v4.runtime.parallel import destroy, initialize
 from megatron_v4.training.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -33,6 +35,7 @@ from megatron_v4.training.model_setup import (
     transformer_config,
 )
 from megatron_v4.training.optimizer import build_optimizer, optimizer_config, uses_distributed_adam
+from megatron_v4.training.sft import ChatRenderer, SFTDataset, pack, read_conversations, split_conversations
 from megatron_v4.training.step import evaluate, prepare_for_training, train_step
 
 log = logging.getLogger("pretrain")
@@ -98,8 +101,48 @@ def model_config(args, arch, layout):
     return transformer_config(arch, dtype, **settings)
 
 
+def chat_tokenizer(args):
+    """The tokenizer that renders --sft-data: --tokenizer DIR, else the checkpoint's own (--hf, or the files
+    an import keeps from its source), else the tiny model's when training the default tiny architecture."""
+    if args.tokenizer or args.hf:
+        directory = args.tokenizer or args.hf
+    elif args.load:
+        directory = os.path.join(latest_checkpoint(args.load) or args.load, RECORD_DIR, SOURCE_FILES_DIR)
+    elif args.arch:
+        raise ValueError("--sft-data with --arch needs a tokenizer with a chat template: --tokenizer DIR")
+    else:
+        return tiny_tokenizer()
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ValueError(f"no tokenizer in {directory}; give one with --tokenizer DIR")
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def sft_dataset(args, order: DataOrder, vocab_size: int):
+    """(train, validation or None) packed chat datasets of --sft-data."""
+    tokenizer = chat_tokenizer(args)
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {vocab_size}")
+    template = None
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as f:
+            template = f.read()
+    renderer = ChatRenderer(tokenizer, template)
+    train, valid = split_conversations(read_conversations(args.sft_data), args.split)
+    filler = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_rows = pack(train, renderer, args.seq_length, filler)
+    if dist.get_rank() == 0:
+        tokens = len(train_rows) * args.seq_length
+        trained = sum(sum(row.assistant) for row in train_rows)
+        log.info("--sft-data: %d conversations in %d rows of %d tokens, %.1f%% of them the assistant's",
+                 len(train), len(train_rows), args.seq_length, 100 * trained / tokens)
+    valid_rows = pack(valid, renderer, args.seq_length, filler) if args.eval_interval else None
+    return SFTDataset(train_rows, args.seed), valid_rows and SFTDataset(valid_rows, args.seed)
+
+
 def dataset(args, order: DataOrder, vocab_size: int):
     """(train, validation or None) datasets."""
+    if args.sft_data:
+        return sft_dataset(args, order, vocab_size)
     num_samples = args.train_iters * order.global_batch_size
     valid_samples = args.eval_iters * order.global_batch_size if args.eval_interval else 0
     cache = args.data_cache
@@ -122,7 +165,8 @@ def dataset(args, order: DataOrder, vocab_size: int):
             "use a model with a larger vocab_size (--arch) or a smaller tokenizer"
         )
     return build_dataset(
-        kind, num_samples, args.seq_length, tokenizer, args.seed, prefix, cache, args.split, valid_samples
+        kind, num_samples, args.seq_length, tokenizer, args.seed, prefix, cache, args.split, valid_samples,
+        pack_documents=args.pack_documents,
     )
 
 

@@ -13,6 +13,7 @@ from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelpe
 from megatron_v4.context_parallel import local_chunk
 from megatron_v4.indexer_loss import IndexerLossTracker
 from megatron_v4.model import pipeline_micro_batch_size
+from megatron_v4.packing import packed_seq_params
 from megatron_v4.training.data import DataOrder
 
 
@@ -37,10 +38,18 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 
 def _forward_step(data_iterator, model):
-    """One micro-batch of whole sequences; under context parallelism this rank's contiguous chunk of them."""
+    """One micro-batch of whole sequences; under context parallelism this rank's contiguous chunk of them.
+
+    A packed micro-batch is one row (see DataOrder.micro_batches) whose cu_seqlens describe the whole row
+    at every CP size; its documents stay apart in the model."""
     cp_group = parallel_state.get_context_parallel_group()
-    batch = {k: local_chunk(v.to(_device()), 1, cp_group) for k, v in next(data_iterator).items()}
-    per_token_loss = model(batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"])
+    batch = next(data_iterator)
+    cu_seqlens = batch.pop("cu_seqlens", None)
+    batch = {k: local_chunk(v.to(_device()), 1, cp_group) for k, v in batch.items()}
+    packed = None if cu_seqlens is None else packed_seq_params(cu_seqlens[0].to(_device()))
+    per_token_loss = model(
+        batch["tokens"], labels=batch["labels"], loss_mask=batch["loss_mask"], packed_seq_params=packed
+    )
     return per_token_loss, lambda output: _loss_func(batch["loss_mask"], output)
 
 
