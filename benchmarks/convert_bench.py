@@ -12,7 +12,12 @@ codes). Import (bf16) and export (back to the source formats) each run in their
 own process, which reports its peak RSS and its library start-up apart; the export
 is checked byte for byte against the source. `cp -r` of the source directory
 (then `sync`) on the same disk is the yardstick: each conversion's speed is printed
-as a fraction of cp's (source bytes per second over cp's).
+as a fraction of cp's (source bytes per second over cp's). Where it may (root on Linux),
+the benchmark syncs and drops the page cache right before each of the three timed steps
+(in the conversions' processes after their start-up), so that cp, import and export all
+read from the disk and start alike;
+otherwise it says so, and the source may be read from memory (cp's `copy_file_range`
+gains most from that).
 """
 
 from __future__ import annotations
@@ -143,6 +148,7 @@ def _child(argv: list[str]) -> None:
     import bridge.convert  # noqa: F401  (library start-up: torch, Megatron-Core, transformers)
     from bridge.cli import main
 
+    _cold_page_cache()  # after start-up, as cp's is dropped just before cp: both start alike
     start = time.perf_counter()
     code = main(argv + ["--quiet"])
     seconds = time.perf_counter() - start
@@ -161,6 +167,17 @@ def _run_child(argv: list[str]) -> dict:
     if result["code"]:
         raise RuntimeError(f"{argv[0]} exited with {result['code']}: {done.stderr.strip().splitlines()[-1:]}")
     return result
+
+
+def _cold_page_cache() -> bool:
+    """Write back dirty pages and drop the page cache (Linux, root); False where not allowed."""
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    return True
 
 
 def _same_bytes(a: str, b: str) -> bool:
@@ -206,10 +223,12 @@ def main() -> int:
         print(f"synthetic {args.source} checkpoint: {made['bytes'] / GB:.2f} GB, {made['experts']} experts x 2 layers, "
               f"{made['files']} file(s), made in {time.perf_counter() - start:.0f} s")
 
+        cold = _cold_page_cache()
         start = time.perf_counter()
         subprocess.run(["cp", "-r", hf, copied], check=True)
         subprocess.run(["sync"], check=True)
         cp_seconds = time.perf_counter() - start
+        shutil.rmtree(copied)
 
         imported = _run_child(["import", "--hf", hf, "--out", mcore, "--dtype", "bf16", *workers])
         export = _run_child(["export", "--mcore", mcore, "--out", exported, "--dtype", "source", *workers])
@@ -219,7 +238,8 @@ def main() -> int:
         largest = max(_numel(s) * 2 for s, _ in _official_shapes(_flash_config(made["experts"], quantised)).values())
         largest /= GB
         print(f"cp -r + sync : {source_gb:.2f} GB in {cp_seconds:.1f} s = {source_gb / cp_seconds:.2f} GB/s; "
-              f"conversions with {args.workers or default_workers()} worker(s)")
+              f"conversions with {args.workers or default_workers()} worker(s); page cache "
+              f"{'dropped before each step' if cold else 'kept (dropping it needs root): sources may be read from memory'}")
         for label, result, written in (("import", imported, mcore_gb), ("export", export, _dir_bytes(exported) / GB)):
             print(f"{label:13s}: {source_gb:.2f} GB source -> {written:.2f} GB written in {result['seconds']:.1f} s"
                   f" = {source_gb / result['seconds']:.2f} GB/s of source, {written / result['seconds']:.2f} GB/s "

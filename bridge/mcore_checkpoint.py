@@ -188,8 +188,10 @@ class _StreamingWriter(FileSystemWriter):
             job = jobs.take()
             if job is None:
                 return  # more workers than parameters: no empty file
+            # The zip records' CRC-32 would double torch.save's time; DCP files carry no checksum that is checked
+            # on loading, and ours are in the bridge's checksums.json. (The setting is per thread.)
             try:
-                with open(path, "wb") as stream:
+                with serialization_config.patch({"save.compute_crc32": False}), open(path, "wb") as stream:
                     while job is not None:
                         written = self._write_job(stream, file_name, planner, *job)
                         with lock:
@@ -261,10 +263,7 @@ def write_checkpoint(
 
     planner = _LazySavePlanner(owner_of, sharding, order, materialise, on_written)
     writer = _StreamingWriter(out_dir, workers)
-    # The zip records' CRC-32 would double torch.save's time; DCP files carry no checksum that is checked on
-    # loading, and ours are in the bridge's checksums.json.
-    with serialization_config.patch({"save.compute_crc32": False}):
-        dcp.save(pyt_state_dict, storage_writer=writer, planner=planner, no_dist=True)
+    dcp.save(pyt_state_dict, storage_writer=writer, planner=planner, no_dist=True)
     strategy = TorchDistSaveShardedStrategy()
     save_config(CheckpointingConfig(strategy.backend, strategy.version), out_dir)
 

@@ -20,6 +20,7 @@ are held until a shard is full.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -179,21 +180,37 @@ class SafetensorsCheckpoint:
             for d in range(last - 1, -1, -1):
                 starts = [s + i * strides[d] for i in ranges[d] for s in starts]
             runs = sorted(starts)
-        buffer = bytearray(run_bytes * len(runs))
-        view = memoryview(buffer)
         with open(header.file, "rb", buffering=0) as f:
+            if len(runs) == 1 and run_bytes >= MAP_MIN_BYTES:
+                return _mapped(f, runs[0], run_bytes, name, header.file).view(header.dtype).reshape(out_shape)
+            buffer = torch.empty(run_bytes * len(runs), dtype=torch.uint8)
+            view = memoryview(buffer.numpy())
             for i, offset in enumerate(runs):
                 if os.preadv(f.fileno(), [view[i * run_bytes:(i + 1) * run_bytes]], offset) != run_bytes:
                     raise SafetensorsError(
                         f"tensor {name!r} in {header.file}: the file ends inside its data (truncated?)")
-        if not buffer:
-            return torch.empty(out_shape, dtype=header.dtype)
-        return torch.frombuffer(buffer, dtype=torch.uint8).view(header.dtype).reshape(out_shape)
+        return buffer.view(header.dtype).reshape(out_shape)
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, in file order, each read only when the iteration reaches it."""
         for name in sorted(self.headers, key=lambda n: (self.headers[n].file, self.headers[n].begin)):
             yield name, self.get(name)
+
+
+MAP_MIN_BYTES = 1 << 20
+"""Whole tensors from this size up are mapped rather than read (`_mapped`)."""
+
+
+def _mapped(f, offset: int, length: int, name: str, path: str) -> torch.Tensor:
+    """`length` bytes of open file `f` from `offset` as a uint8 tensor over a private, pre-populated mapping
+    of the page cache: no copy into fresh memory and none of the page faults that memory costs (a tensor
+    reaching past the file's end is refused here: touching a mapping there would kill the process)."""
+    if os.fstat(f.fileno()).st_size < offset + length:
+        raise SafetensorsError(f"tensor {name!r} in {path}: the file ends inside its data (truncated?)")
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(f.fileno(), offset + length - start, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE,
+                        prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=length, offset=offset - start)
 
 
 # --- writing ----------------------------------------------------------------------------------------

@@ -106,8 +106,12 @@ def _crafted_metadata(mcore):
 
 
 def _flip_a_bit(mcore):
+    """One bit in the middle of the largest tensor record of `__0_0.distcp` (its data dominates the record;
+    the zip's alignment padding elsewhere holds nothing a flip could damage)."""
+    records = [info for info in mcore_checkpoint.read_metadata(mcore).storage_data.values() if info.relative_path == "__0_0.distcp"]
+    largest = max(records, key=lambda info: info.length)
     data = bytearray((mcore / "__0_0.distcp").read_bytes())
-    data[len(data) // 2] ^= 1
+    data[largest.offset + largest.length // 2] ^= 1
     (mcore / "__0_0.distcp").write_bytes(data)
 
 
