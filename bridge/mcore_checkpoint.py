@@ -19,9 +19,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
+import io
+import math
 import os
 import pickle
 import threading
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -38,11 +41,18 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, WriteItemType
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.storage import WriteResult
 
+from bridge.file_mapping import MAP_MIN_BYTES, map_file_range
 from bridge.workers import Jobs, run_workers
 from megatron_v4.model import DeepSeekV4Model
 
@@ -314,13 +324,109 @@ def read_metadata(checkpoint_dir: str | os.PathLike) -> Metadata:
 
 
 class _SafeReader(FileSystemReader):
-    """DCP's file reader with `read_metadata` above instead of its plain `pickle.load`."""
+    """DCP's file reader with `read_metadata` above instead of its plain `pickle.load`, and tensors stored
+    plainly mapped from their record's storage bytes: no unpickling, and none of torch.load's copies."""
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         metadata = read_metadata(self.path)
         metadata.storage_meta = metadata.storage_meta or StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args, **kwargs) -> None:
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        self.stored_chunks = {
+            (fqn, tuple(chunk.offsets)): (tuple(chunk.sizes), stored.properties.dtype)
+            for fqn, stored in metadata.state_dict_metadata.items()
+            if isinstance(stored, TensorStorageMetadata)
+            for chunk in stored.chunks
+        }
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> torch.futures.Future:
+        others = []
+        for item in plan.items:
+            data = self._mapped(item)
+            if data is None:
+                others.append(item)
+                continue
+            data = _narrowed(data, item.storage_offsets, item.lengths)
+            if not (isinstance(planner, _IntoTensors) and planner.adopt(item, data)):
+                target = planner.resolve_tensor(item).detach()
+                target.copy_(data)
+                planner.commit_tensor(item, target)
+        if others:
+            return super().read_data(dataclasses.replace(plan, items=others), planner)
+        future = torch.futures.Future()
+        future.set_result(None)
+        return future
+
+    def _mapped(self, item) -> torch.Tensor | None:
+        """The stored chunk `item` reads from, mapped (None: small, transformed, or not one plain storage)."""
+        info = self.storage_data[item.storage_index]
+        if item.type != LoadItemType.TENSOR or info.transform_descriptors:
+            return None
+        sizes, dtype = self.stored_chunks[(item.storage_index.fqn, tuple(item.storage_index.offset))]
+        nbytes = math.prod(sizes) * dtype.itemsize
+        if nbytes < MAP_MIN_BYTES:
+            return None
+        path = os.path.join(self.path, info.relative_path)
+        with open(path, "rb", buffering=0) as f:
+            storage = _record_storage(f, info.offset, info.length)
+            if storage is None or storage[1] != nbytes:
+                return None
+            data = map_file_range(f, info.offset + storage[0], nbytes, f"{path}: {item.storage_index.fqn}")
+        return data.view(dtype).view(sizes)
+
+
+def _narrowed(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:
+    """The block of `tensor` from `offsets` with `lengths` along its leading dims (a view)."""
+    for dim, (start, length) in enumerate(zip(offsets, lengths)):
+        tensor = tensor.narrow(dim, start, length)
+    return tensor
+
+
+class _FileWindow(io.RawIOBase):
+    """`length` bytes of an open file from `offset`, as a seekable stream (for `zipfile`), read with pread."""
+
+    def __init__(self, f, offset: int, length: int):
+        self.fd, self.offset, self.length, self.position = f.fileno(), offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        self.position = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence] + position
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        wanted = max(0, min(len(buffer), self.length - self.position))
+        got = os.preadv(self.fd, [memoryview(buffer)[:wanted]], self.offset + self.position) if wanted else 0
+        self.position += got
+        return got
+
+
+def _record_storage(f, offset: int, length: int) -> tuple[int, int] | None:
+    """(start within the record, size) of the single storage (`<archive>/data/0`, stored uncompressed) of the
+    torch.save record at [offset, offset + length) of `f`; None if the record is anything else."""
+    try:
+        with zipfile.ZipFile(_FileWindow(f, offset, length)) as archive:
+            storages = [entry for entry in archive.infolist() if entry.filename.rsplit("/", 2)[-2:-1] == ["data"]]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if len(storages) != 1 or storages[0].compress_type != zipfile.ZIP_STORED:
+        return None
+    local_header = os.pread(f.fileno(), 30, offset + storages[0].header_offset)
+    if len(local_header) != 30 or local_header[:4] != b"PK\x03\x04":
+        return None
+    name_length = int.from_bytes(local_header[26:28], "little")
+    extra_length = int.from_bytes(local_header[28:30], "little")
+    return storages[0].header_offset + 30 + name_length + extra_length, storages[0].file_size
 
 
 class _IntoTensors(LoadPlanner):
@@ -344,11 +450,16 @@ class _IntoTensors(LoadPlanner):
     def load_bytes(self, read_item, value):
         raise NotImplementedError("only tensors are read")
 
+    def adopt(self, read_item, data: torch.Tensor) -> bool:
+        """Take `data` itself as the destination when it fills all of it (no copy); False otherwise."""
+        slot = read_item.dest_index.index
+        if any(read_item.dest_offsets) or tuple(read_item.lengths) != tuple(self.destinations[slot].shape):
+            return False
+        self.destinations[slot] = data.view(self.destinations[slot].shape)
+        return True
+
     def resolve_tensor(self, read_item):
-        target = self.destinations[read_item.dest_index.index]
-        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
-            target = target.narrow(dim, start, length)
-        return target
+        return _narrowed(self.destinations[read_item.dest_index.index], read_item.dest_offsets, read_item.lengths)
 
     def commit_tensor(self, read_item, tensor):
         pass

@@ -20,13 +20,14 @@ are held until a shard is full.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+
+from bridge.file_mapping import MAP_MIN_BYTES, TruncatedFileError, map_file_range
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -182,7 +183,11 @@ class SafetensorsCheckpoint:
             runs = sorted(starts)
         with open(header.file, "rb", buffering=0) as f:
             if len(runs) == 1 and run_bytes >= MAP_MIN_BYTES:
-                return _mapped(f, runs[0], run_bytes, name, header.file).view(header.dtype).reshape(out_shape)
+                try:
+                    data = map_file_range(f, runs[0], run_bytes, f"tensor {name!r} in {header.file}")
+                except TruncatedFileError as e:
+                    raise SafetensorsError(str(e)) from None
+                return data.view(header.dtype).reshape(out_shape)
             buffer = torch.empty(run_bytes * len(runs), dtype=torch.uint8)
             view = memoryview(buffer.numpy())
             for i, offset in enumerate(runs):
@@ -196,21 +201,6 @@ class SafetensorsCheckpoint:
         for name in sorted(self.headers, key=lambda n: (self.headers[n].file, self.headers[n].begin)):
             yield name, self.get(name)
 
-
-MAP_MIN_BYTES = 1 << 20
-"""Whole tensors from this size up are mapped rather than read (`_mapped`)."""
-
-
-def _mapped(f, offset: int, length: int, name: str, path: str) -> torch.Tensor:
-    """`length` bytes of open file `f` from `offset` as a uint8 tensor over a private, pre-populated mapping
-    of the page cache: no copy into fresh memory and none of the page faults that memory costs (a tensor
-    reaching past the file's end is refused here: touching a mapping there would kill the process)."""
-    if os.fstat(f.fileno()).st_size < offset + length:
-        raise SafetensorsError(f"tensor {name!r} in {path}: the file ends inside its data (truncated?)")
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mapping = mmap.mmap(f.fileno(), offset + length - start, flags=mmap.MAP_PRIVATE | mmap.MAP_POPULATE,
-                        prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-    return torch.frombuffer(mapping, dtype=torch.uint8, count=length, offset=offset - start)
 
 
 # --- writing ----------------------------------------------------------------------------------------
