@@ -116,7 +116,12 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_v4.compressor import build_replicated_linear
 from megatron_v4.config import CSA, SLIDING, DeepSeekV4TransformerConfig
-from megatron_v4.context_parallel import context_parallel_group, gather_chunks
+from megatron_v4.context_parallel import (
+    KeepInBackward,
+    context_parallel_group,
+    gather_entries,
+    preceding_rows,
+)
 from megatron_v4.decode_state import AttentionDecodeState
 from megatron_v4.indexer_loss import IndexerLossAutoScaler, IndexerLossTracker
 from megatron_v4.packing import document_positions, document_spans
@@ -291,6 +296,9 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             self.indexer = build_module(
                 submodules.indexer, config=full_sequence_config, tp_group=self.tp_group
             )
+        # Context parallelism: the tokens before its chunk a rank reads, for the window's keys and for
+        # the entries whose pooled tokens straddle the chunk's start.
+        self.halo = max(self.window - 1, 0 if self.compressor is None else self.compressor.span - 1)
         # CSA layers attend to the indexer's picks, unless in the dense phase.
         self.topk_attention = self.indexer is not None and not config.csa_dense_attention
         self.rotary = DeepSeekV4RotaryEmbedding(config, compressed=self.compress_ratio != SLIDING)
@@ -360,15 +368,6 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         query = self.linear_q_up_proj(q_compressed)[0].view(seq_len, batch, self.local_heads, self.head_dim)
         query = apply_rotary(per_head_rms_normalize(query, self.config.layernorm_epsilon), head_cos, head_sin)
 
-        # The key side: this chunk, or under context parallelism every token up to its end; window keys
-        # for the chunk and the window - 1 rows before it.
-        key_states, key_positions = self._key_prefix(hidden_states, positions)
-        window_start = max(chunk_start - (self.window - 1), 0)
-        window_cos, window_sin = self.rotary(key_positions[window_start:])
-        key_value = self.kv_layernorm(self.linear_kv(key_states[window_start:])[0])
-        key_value = apply_rotary(key_value, window_cos, window_sin)
-        key_value = copy_to_tensor_model_parallel_region(key_value, group=self.tp_group)
-
         # Only while autograd records: not in evaluation, nor in the no-grad first pass of a recomputed layer.
         indexer_loss_on = (
             self.indexer is not None
@@ -376,10 +375,32 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             and self.training
             and torch.is_grad_enabled()
         )
+        # The key side: this chunk and, under context parallelism, the `halo` tokens before it.
+        halo_states = preceding_rows(hidden_states, self.halo, self.cp_group)
+        key_states = torch.cat((halo_states, hidden_states)) if halo_states.shape[0] else hidden_states
+        key_positions = torch.cat((preceding_rows(positions, self.halo, self.cp_group), positions))
+        key_start = chunk_start - halo_states.shape[0]
+        # Window keys for the chunk and the window - 1 rows before it.
+        window_start = max(chunk_start - (self.window - 1), 0)
+        window_cos, window_sin = self.rotary(key_positions[window_start - key_start :])
+        key_value = self.kv_layernorm(self.linear_kv(key_states[window_start - key_start :])[0])
+        key_value = apply_rotary(key_value, window_cos, window_sin)
+        key_value = copy_to_tensor_model_parallel_region(key_value, group=self.tp_group)
+        entries, index_keys = self._compressed_entries(
+            key_states, key_start, halo_states, documents, chunk_start, indexer_loss_on
+        )
+
         outputs, indexer_kl = [], []
+        entry_offset = 0  # the document's first entry in `entries` (all documents' entries, in row order)
         for document_start, document_end in documents:
-            # The document's queries on this rank, and the document's tokens up to the last of them.
-            query_start, query_end = max(document_start, chunk_start), min(document_end, key_states.shape[0])
+            # The document's queries on this rank, and its entries complete before the last of them.
+            query_start, query_end = max(document_start, chunk_start), min(document_end, chunk_start + seq_len)
+            document_entries = document_keys = None
+            if entries is not None:
+                visible = slice(entry_offset, entry_offset + max(query_end - document_start, 0) // self.compress_ratio)
+                entry_offset += (document_end - document_start) // self.compress_ratio
+                document_entries = entries[visible]
+                document_keys = None if index_keys is None else index_keys[visible]
             if query_start >= query_end:
                 continue
             rows = slice(query_start - chunk_start, query_end - chunk_start)
@@ -388,15 +409,23 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
                 q_compressed[rows],
                 query[rows],
                 key_value[max(document_start, window_start) - window_start : query_end - window_start],
-                key_states[document_start:query_end],
+                document_entries,
+                document_keys,
                 positions[rows],
                 indexer_loss_on,
                 inference_context,
+                key_states[max(document_start, key_start) - key_start : query_end - key_start],
             )
             outputs.append(output)
             if kl is not None:
                 indexer_kl.append(kl)
-        output, bias = self._project_output(torch.cat(outputs), head_cos, head_sin)
+        output = torch.cat(outputs)
+        if cp > 1:
+            # Every rank takes part in the backward of both exchanges, in the same order: the entries'
+            # all-gather (tied to the output here) before the halo's (tied to the entries it feeds).
+            exchanged = entries if entries is not None and entries.requires_grad else halo_states
+            output = KeepInBackward.apply(output, exchanged)
+        output, bias = self._project_output(output, head_cos, head_sin)
         if indexer_kl:
             # Per token of the whole row (gathered under sequence parallelism): every tensor-parallel
             # rank holds the same loss and back-propagates it into its own indexer heads. Under context
@@ -406,35 +435,83 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             output = IndexerLossAutoScaler.apply(output, loss)
         return output, bias
 
-    def _key_prefix(self, hidden_states, positions):
-        """The inputs and positions of the tokens this rank's queries may read: its own chunk, or under
-        context parallelism every token from the row start to the end of its chunk.
+    def _compressed_entries(
+        self, key_states, key_start: int, halo_states, documents, chunk_start: int, indexer_loss_on: bool
+    ):
+        """The compressed entries and indexer keys of every document of the row, concatenated in row
+        order ([entries, b, c] and [entries, b, c_I]; None where the layer has none), for the rows
+        key_states [key_start, chunk end) of the row.
 
-        The all-gather's backward reduce-scatters: each rank's chunk collects the gradient that every
-        rank's keys, compressors and indexer send to it."""
-        if self.cp_group.size() == 1:
-            return hidden_states, positions
-        end = (self.cp_group.rank() + 1) * hidden_states.shape[0]
-        sequence = gather_from_sequence_parallel_region(
-            hidden_states, tensor_parallel_output_grad=True, group=self.cp_group
-        )
-        return sequence[:end], gather_chunks(positions, 0, self.cp_group)[:end]
+        Each rank compresses the entries whose window ends in its chunk (an entry straddling the chunk's
+        start reads the halo), then all ranks' entries are all-gathered: s / m rows per layer, where
+        the window keys and queries stay on their chunk."""
+        if self.compressor is None:
+            return None, None
+        chunk_length = key_states.shape[0] - (chunk_start - key_start)
+        with_index_keys = self.topk_attention or indexer_loss_on
+        entries, index_keys = [], []
+        for document_start, document_end in documents:
+            first, end = self._entry_range(document_start, document_end, chunk_start, chunk_start + chunk_length)
+            if end <= first:
+                continue
+            # An entry pools the `span` tokens ending at its window's last token.
+            input_start = document_start + (first + 1) * self.compress_ratio - self.compressor.span
+            rows = slice(max(input_start, document_start) - key_start, document_start + end * self.compress_ratio - key_start)
+            entries.append(self.compressor(key_states[rows], first))
+            if with_index_keys:
+                # Detached: the indexer's keys get gradient from the indexer loss alone.
+                index_keys.append(self.indexer.compressor(key_states[rows].detach(), first))
+        batch = key_states.shape[1]
+        entries = torch.cat(entries) if entries else key_states.new_zeros(0, batch, self.head_dim)
+        if with_index_keys:
+            index_keys = torch.cat(index_keys) if index_keys else key_states.new_zeros(0, batch, self.indexer.compressor.head_dim)
+            if not indexer_loss_on:
+                index_keys = index_keys.detach()
+            # One all-gather for both: their backward reduce-scatters then run in the same order on every rank.
+            entries = torch.cat((entries, index_keys), dim=-1)
+        cp = self.cp_group.size()
+        counts = [
+            sum(max(end - first, 0) for first, end in (
+                self._entry_range(*document, rank * chunk_length, (rank + 1) * chunk_length) for document in documents
+            ))
+            for rank in range(cp)
+        ]
+        if cp > 1 and max(counts) > 0:
+            entries = gather_entries(KeepInBackward.apply(entries, halo_states), counts, self.cp_group)
+        if with_index_keys:
+            entries, index_keys = entries.split((self.head_dim, self.indexer.compressor.head_dim), dim=-1)
+        else:
+            index_keys = None
+        return copy_to_tensor_model_parallel_region(entries, group=self.tp_group), index_keys
+
+    def _entry_range(self, document_start: int, document_end: int, chunk_start: int, chunk_end: int):
+        """Ids [first, end) of the document's entries whose window ends in the chunk [chunk_start, chunk_end)
+        (entry w ends at the document's token (w + 1) * m - 1; count of entries ending before p: (p - start) // m)."""
+        first = max(chunk_start - document_start, 0) // self.compress_ratio
+        end = max(min(document_end, chunk_end) - document_start, 0) // self.compress_ratio
+        return first, end
 
     def _attend_document(
-        self, hidden_states, q_compressed, query, key_value, document_states, positions, indexer_loss_on, context
+        self,
+        hidden_states,
+        q_compressed,
+        query,
+        key_value,
+        entries,
+        index_keys,
+        positions,
+        indexer_loss_on,
+        context,
+        document_states,
     ):
-        """Compressors, indexer and attention of one document (of a packed row, or the whole row) for its
-        queries on this rank, whose projections are done: hidden_states, q_compressed, query and
-        positions are the queries' rows, the last rows of key_value (window keys) and of
-        document_states (the document's inputs from its start). Returns the attention output
-        [s, b, H_local, c] and the indexer's summed KL (None when the indexer loss is off or there are
-        no entries)."""
-        entries = picks = index_keys = None
-        if self.compressor is not None:
-            entries = copy_to_tensor_model_parallel_region(self.compressor(document_states), group=self.tp_group)
-        if self.topk_attention or indexer_loss_on:
-            # Detached: the indexer's keys get gradient from the indexer loss alone.
-            index_keys = self.indexer.compressor(document_states.detach())
+        """Indexer and attention of one document (of a packed row, or the whole row) for its queries on
+        this rank, whose projections are done: hidden_states, q_compressed, query and positions are the
+        queries' rows, the last rows of key_value (window keys); entries and index_keys are the document's
+        entries complete before its last query here, and document_states its inputs up to that query
+        (from the document's start when decoding, which runs without context parallelism). Returns the
+        attention output [s, b, H_local, c] and the indexer's summed KL (None when the indexer loss is off
+        or there are no entries)."""
+        picks = None
         if self.topk_attention:
             picks = self.indexer(hidden_states, q_compressed, positions, index_keys)
         if context is not None:
