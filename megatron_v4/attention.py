@@ -61,26 +61,27 @@ sequence-parallel gradient all-reduce); the gather's backward keeps this rank's
 slice of the (already complete) input gradient. `linear_proj` is the row-parallel
 exit: it reduce-scatters the output back to this rank's slice of the sequence.
 Context parallelism (`megatron_v4.context_parallel`): each CP rank holds a contiguous
-chunk of the sequence. The attention all-gathers its input over the CP group
-(Megatron-Core's `gather_from_sequence_parallel_region` on the CP group: backward
-reduce-scatter, so each chunk collects the gradient every rank's key side sends it),
-then computes the queries for its own chunk only, the window keys for the chunk and
-the W-1 tokens before it, and the compressed entries and indexer keys for every
-token from the sequence start to the chunk's end (entries whose window straddles a
-chunk boundary come out whole). That is exact and simple, not minimal: per rank the
-queries, scores and window keys are 1/cp of the work, but the gathered input
-([s, b, D], transient) and the compressors' ~4*coff*c*D FLOPs per prefix token are
-not (the last rank compresses the whole sequence). Exchanging only the halo and
-all-gathering the entries would bring those down too.
+chunk of the sequence and computes the queries and window keys of its own tokens, plus the
+key side of what straddles the chunk's start: the halo, the `window - 1` tokens before the
+chunk (the window's reach) or the span - 1 = 2m - 1 (CSA) / m - 1 (HCA) an entry ending in the
+chunk pools, whichever is more (`preceding_rows`: an all-gather of each rank's last rows, whose
+backward reduce-scatters the halo's gradient back to its owner). Each rank compresses the entries
+(and indexer keys) whose window ends in its chunk, then all ranks' entries are all-gathered
+(`gather_entries`, backward reduce-scatter), so every query sees the entries of all earlier chunks.
+Per rank the queries, scores, window keys and compressors are 1/cp of the work; what is exchanged
+per layer is the halo (at most max(W - 1, span - 1) rows of D; the all-gather briefly holds every
+rank's last rows, cp times that) and the s/m entries of width c (+ c_I): no rank holds O(s) rows
+of the input.
 
 Packed sequences (`packed_seq_params`, Megatron-Core's THD format, batch 1; see
 `megatron_v4.packing`): the projections run over the whole row at positions that restart at
 every document start; the compressors, the indexer (and its loss) and the softmax then run
 document by document, so windows, compressed entries and the indexer's candidates never reach
 into another document and no token pays for another document's length. Under context
-parallelism too: cu_seqlens describe the whole row, and each document that overlaps this rank's
-chunk gets its queries on the chunk, its window keys from the halo, and its entries and indexer
-keys compressed from the document's start in the gathered prefix.
+parallelism too: cu_seqlens describe the whole row; each rank compresses, document by document,
+the entries whose window ends in its chunk (counted from the document's start), the gathered
+entries of the row are in document order, and a document's queries read its window keys from the
+chunk and the halo (never before the document's start) and its own entries complete so far.
 
 Decoding: with an `inference_context` (`megatron_v4.inference.DeepSeekV4InferenceContext`)
 the first forward of a sequence is the ordinary computation above and also keeps the
@@ -375,20 +376,18 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             and self.training
             and torch.is_grad_enabled()
         )
-        # The key side: this chunk and, under context parallelism, the `halo` tokens before it.
+        # The key side: this chunk and, under context parallelism, the `halo` tokens before it (never
+        # concatenated with the chunk: each is projected on its own).
         halo_states = preceding_rows(hidden_states, self.halo, self.cp_group)
-        key_states = torch.cat((halo_states, hidden_states)) if halo_states.shape[0] else hidden_states
-        key_positions = torch.cat((preceding_rows(positions, self.halo, self.cp_group), positions))
-        key_start = chunk_start - halo_states.shape[0]
         # Window keys for the chunk and the window - 1 rows before it.
         window_start = max(chunk_start - (self.window - 1), 0)
-        window_cos, window_sin = self.rotary(key_positions[window_start - key_start :])
-        key_value = self.kv_layernorm(self.linear_kv(key_states[window_start - key_start :])[0])
-        key_value = apply_rotary(key_value, window_cos, window_sin)
+        window_halo = halo_states[halo_states.shape[0] - (chunk_start - window_start) :]
+        window_positions = torch.cat((preceding_rows(positions, self.window - 1, self.cp_group), positions))
+        window_cos, window_sin = self.rotary(window_positions)
+        key_value = torch.cat((self.linear_kv(window_halo)[0], self.linear_kv(hidden_states)[0]))
+        key_value = apply_rotary(self.kv_layernorm(key_value), window_cos, window_sin)
         key_value = copy_to_tensor_model_parallel_region(key_value, group=self.tp_group)
-        entries, index_keys = self._compressed_entries(
-            key_states, key_start, halo_states, documents, chunk_start, indexer_loss_on
-        )
+        entries, index_keys = self._compressed_entries(hidden_states, halo_states, documents, chunk_start, indexer_loss_on)
 
         outputs, indexer_kl = [], []
         entry_offset = 0  # the document's first entry in `entries` (all documents' entries, in row order)
@@ -414,7 +413,6 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
                 positions[rows],
                 indexer_loss_on,
                 inference_context,
-                key_states[max(document_start, key_start) - key_start : query_end - key_start],
             )
             outputs.append(output)
             if kl is not None:
@@ -435,19 +433,18 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             output = IndexerLossAutoScaler.apply(output, loss)
         return output, bias
 
-    def _compressed_entries(
-        self, key_states, key_start: int, halo_states, documents, chunk_start: int, indexer_loss_on: bool
-    ):
+    def _compressed_entries(self, hidden_states, halo_states, documents, chunk_start: int, indexer_loss_on: bool):
         """The compressed entries and indexer keys of every document of the row, concatenated in row
-        order ([entries, b, c] and [entries, b, c_I]; None where the layer has none), for the rows
-        key_states [key_start, chunk end) of the row.
+        order ([entries, b, c] and [entries, b, c_I]; None where the layer has none), from this rank's
+        chunk hidden_states and the halo_states just before it.
 
         Each rank compresses the entries whose window ends in its chunk (an entry straddling the chunk's
         start reads the halo), then all ranks' entries are all-gathered: s / m rows per layer, where
         the window keys and queries stay on their chunk."""
         if self.compressor is None:
             return None, None
-        chunk_length = key_states.shape[0] - (chunk_start - key_start)
+        chunk_length, batch, _ = hidden_states.shape
+        halo_start = chunk_start - halo_states.shape[0]
         with_index_keys = self.topk_attention or indexer_loss_on
         entries, index_keys = [], []
         for document_start, document_end in documents:
@@ -455,16 +452,23 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             if end <= first:
                 continue
             # An entry pools the `span` tokens ending at its window's last token.
-            input_start = document_start + (first + 1) * self.compress_ratio - self.compressor.span
-            rows = slice(max(input_start, document_start) - key_start, document_start + end * self.compress_ratio - key_start)
-            entries.append(self.compressor(key_states[rows], first))
+            input_start = max(document_start + (first + 1) * self.compress_ratio - self.compressor.span, document_start)
+            input_end = document_start + end * self.compress_ratio
+            blocks = [
+                halo_states[input_start - halo_start : max(chunk_start, input_start) - halo_start],
+                hidden_states[max(input_start - chunk_start, 0) : input_end - chunk_start],
+            ]
+            entries.append(self.compressor(blocks, first))
             if with_index_keys:
                 # Detached: the indexer's keys get gradient from the indexer loss alone.
-                index_keys.append(self.indexer.compressor(key_states[rows].detach(), first))
-        batch = key_states.shape[1]
-        entries = torch.cat(entries) if entries else key_states.new_zeros(0, batch, self.head_dim)
+                index_keys.append(self.indexer.compressor([block.detach() for block in blocks], first))
+        entries = torch.cat(entries) if entries else hidden_states.new_zeros(0, batch, self.head_dim)
         if with_index_keys:
-            index_keys = torch.cat(index_keys) if index_keys else key_states.new_zeros(0, batch, self.indexer.compressor.head_dim)
+            index_keys = (
+                torch.cat(index_keys)
+                if index_keys
+                else hidden_states.new_zeros(0, batch, self.indexer.compressor.head_dim)
+            )
             if not indexer_loss_on:
                 index_keys = index_keys.detach()
             # One all-gather for both: their backward reduce-scatters then run in the same order on every rank.
@@ -502,20 +506,18 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         positions,
         indexer_loss_on,
         context,
-        document_states,
     ):
         """Indexer and attention of one document (of a packed row, or the whole row) for its queries on
         this rank, whose projections are done: hidden_states, q_compressed, query and positions are the
         queries' rows, the last rows of key_value (window keys); entries and index_keys are the document's
-        entries complete before its last query here, and document_states its inputs up to that query
-        (from the document's start when decoding, which runs without context parallelism). Returns the
-        attention output [s, b, H_local, c] and the indexer's summed KL (None when the indexer loss is off
-        or there are no entries)."""
+        entries complete before its last query here. Returns the attention output [s, b, H_local, c] and
+        the indexer's summed KL (None when the indexer loss is off or there are no entries)."""
         picks = None
         if self.topk_attention:
             picks = self.indexer(hidden_states, q_compressed, positions, index_keys)
         if context is not None:
-            self._start_decode(context, document_states, positions, key_value, entries, index_keys)
+            # Decoding runs without context parallelism: the queries' rows are the whole document.
+            self._start_decode(context, hidden_states, positions, key_value, entries, index_keys)
 
         output, teacher_mass = self._attend(query, key_value, entries, picks, positions, indexer_loss_on)
         if teacher_mass is None:

@@ -102,7 +102,9 @@ class DeepSeekV4Compressor(MegatronModule):
     forward(hidden_states [s, b, D], first_entry=0) -> entries first_entry, first_entry + 1, ...
     [n, b, head_dim] of the complete windows, in the input's dtype; hidden_states start at the
     first token those entries pool (window first_entry, or first_entry - 1 for CSA when
-    first_entry > 0). The pooling runs in float32 (as the reference does).
+    first_entry > 0), and may come as consecutive row blocks (a context-parallel rank's halo and
+    chunk), projected block by block so that they are never concatenated. The pooling runs in
+    float32 (as the reference does).
     """
 
     def __init__(
@@ -137,24 +139,28 @@ class DeepSeekV4Compressor(MegatronModule):
         )
         self.rotary = DeepSeekV4RotaryEmbedding(config, compressed=True)
 
-    def forward(self, hidden_states: torch.Tensor, first_entry: int = 0) -> torch.Tensor:
-        seq_len, batch, _ = hidden_states.shape
+    def forward(self, hidden_states: torch.Tensor | list[torch.Tensor], first_entry: int = 0) -> torch.Tensor:
+        blocks = [hidden_states] if isinstance(hidden_states, torch.Tensor) else hidden_states
+        batch, dtype = blocks[0].shape[1], blocks[0].dtype
         # CSA from a later entry on: the first window only lends its A halves to the next entry.
         predecessor = 1 if self.overlapping and first_entry > 0 else 0
-        num_entries = seq_len // self.compress_ratio
+        num_entries = sum(block.shape[0] for block in blocks) // self.compress_ratio
         if num_entries <= predecessor:
-            return hidden_states.new_zeros(0, batch, self.head_dim)
-        complete = hidden_states[: num_entries * self.compress_ratio]
-        values = self.linear_kv(complete)[0].float()
-        gates = self.linear_gate(complete)[0].float()
+            return blocks[0].new_zeros(0, batch, self.head_dim)
+        complete, remaining = [], num_entries * self.compress_ratio
+        for block in blocks:
+            complete.append(block[:remaining])
+            remaining -= complete[-1].shape[0]
+        values = torch.cat([self.linear_kv(block)[0] for block in complete]).float()
+        gates = torch.cat([self.linear_gate(block)[0] for block in complete]).float()
         # [entry, slot in window, batch, channels]; ape is indexed by the slot.
         values = values.unflatten(0, (num_entries, self.compress_ratio))
         gates = gates.unflatten(0, (num_entries, self.compress_ratio)) + self.ape.unsqueeze(1)
         if self.overlapping:
             values, gates = self._overlapping_slots(values, gates)
         pooled = (values[predecessor:] * gates[predecessor:].softmax(dim=1)).sum(dim=1)
-        entries = self.norm(pooled.to(hidden_states.dtype))
-        entry_ids = torch.arange(first_entry, first_entry + num_entries - predecessor, device=hidden_states.device)
+        entries = self.norm(pooled.to(dtype))
+        entry_ids = torch.arange(first_entry, first_entry + num_entries - predecessor, device=pooled.device)
         positions = entry_ids * self.compress_ratio
         cos, sin = self.rotary(positions)
         return apply_rotary(entries, cos.unsqueeze(1), sin.unsqueeze(1))
