@@ -464,29 +464,30 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
                 index_keys.append(self.indexer.compressor([block.detach() for block in blocks], first))
         entries = torch.cat(entries) if entries else hidden_states.new_zeros(0, batch, self.head_dim)
         if with_index_keys:
-            index_keys = (
-                torch.cat(index_keys)
-                if index_keys
-                else hidden_states.new_zeros(0, batch, self.indexer.compressor.head_dim)
-            )
+            index_width = self.indexer.compressor.head_dim
+            index_keys = torch.cat(index_keys) if index_keys else hidden_states.new_zeros(0, batch, index_width)
             if not indexer_loss_on:
                 index_keys = index_keys.detach()
-            # One all-gather for both: their backward reduce-scatters then run in the same order on every rank.
-            entries = torch.cat((entries, index_keys), dim=-1)
-        cp = self.cp_group.size()
-        counts = [
-            sum(max(end - first, 0) for first, end in (
-                self._entry_range(*document, rank * chunk_length, (rank + 1) * chunk_length) for document in documents
-            ))
-            for rank in range(cp)
-        ]
-        if cp > 1 and max(counts) > 0:
-            entries = gather_entries(KeepInBackward.apply(entries, halo_states), counts, self.cp_group)
-        if with_index_keys:
-            entries, index_keys = entries.split((self.head_dim, self.indexer.compressor.head_dim), dim=-1)
         else:
             index_keys = None
+        counts = self._entries_per_rank(documents, chunk_length)
+        if self.cp_group.size() > 1 and max(counts) > 0:
+            # One all-gather for both: their backward reduce-scatters then run in the same order on every rank.
+            exchanged = entries if index_keys is None else torch.cat((entries, index_keys), dim=-1)
+            exchanged = gather_entries(KeepInBackward.apply(exchanged, halo_states), counts, self.cp_group)
+            if index_keys is None:
+                entries = exchanged
+            else:
+                entries, index_keys = exchanged.split((self.head_dim, index_width), dim=-1)
         return copy_to_tensor_model_parallel_region(entries, group=self.tp_group), index_keys
+
+    def _entries_per_rank(self, documents, chunk_length: int) -> list[int]:
+        """How many entries each CP rank compresses (the same list on every rank)."""
+        counts = []
+        for rank in range(self.cp_group.size()):
+            chunk = (rank * chunk_length, (rank + 1) * chunk_length)
+            counts.append(sum(max(end - first, 0) for first, end in (self._entry_range(*d, *chunk) for d in documents)))
+        return counts
 
     def _entry_range(self, document_start: int, document_end: int, chunk_start: int, chunk_end: int):
         """Ids [first, end) of the document's entries whose window ends in the chunk [chunk_start, chunk_end)
