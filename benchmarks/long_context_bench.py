@@ -15,8 +15,8 @@ doubling). Every column is one `Variant`.
 
 `--cp N` adds our layer at context parallelism N: N gloo ranks (`run_on_ranks`), each with
 threads / N threads, each holding a contiguous 1/N of the sequence; the column shows the slowest
-rank's time and the largest per-rank peak (the last rank: its gathered input and compressors cover
-the whole prefix, `megatron_v4.attention`).
+rank's time and the largest per-rank peak (each rank computes its chunk's key side plus a halo and
+all-gathers the compressed entries, `megatron_v4.attention`).
 """
 
 from __future__ import annotations

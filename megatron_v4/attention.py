@@ -61,26 +61,27 @@ sequence-parallel gradient all-reduce); the gather's backward keeps this rank's
 slice of the (already complete) input gradient. `linear_proj` is the row-parallel
 exit: it reduce-scatters the output back to this rank's slice of the sequence.
 Context parallelism (`megatron_v4.context_parallel`): each CP rank holds a contiguous
-chunk of the sequence. The attention all-gathers its input over the CP group
-(Megatron-Core's `gather_from_sequence_parallel_region` on the CP group: backward
-reduce-scatter, so each chunk collects the gradient every rank's key side sends it),
-then computes the queries for its own chunk only, the window keys for the chunk and
-the W-1 tokens before it, and the compressed entries and indexer keys for every
-token from the sequence start to the chunk's end (entries whose window straddles a
-chunk boundary come out whole). That is exact and simple, not minimal: per rank the
-queries, scores and window keys are 1/cp of the work, but the gathered input
-([s, b, D], transient) and the compressors' ~4*coff*c*D FLOPs per prefix token are
-not (the last rank compresses the whole sequence). Exchanging only the halo and
-all-gathering the entries would bring those down too.
+chunk of the sequence and computes the queries and window keys of its own tokens, plus the
+key side of what straddles the chunk's start: the halo, the `window - 1` tokens before the
+chunk (the window's reach) or the span - 1 = 2m - 1 (CSA) / m - 1 (HCA) an entry ending in the
+chunk pools, whichever is more (`preceding_rows`: an all-gather of each rank's last rows, whose
+backward reduce-scatters the halo's gradient back to its owner). Each rank compresses the entries
+(and indexer keys) whose window ends in its chunk, then all ranks' entries are all-gathered
+(`gather_entries`, backward reduce-scatter), so every query sees the entries of all earlier chunks.
+Per rank the queries, scores, window keys and compressors are 1/cp of the work; what is exchanged
+per layer is the halo (at most max(W - 1, span - 1) rows of D; the all-gather briefly holds every
+rank's last rows, cp times that) and the s/m entries of width c (+ c_I): no rank holds O(s) rows
+of the input.
 
 Packed sequences (`packed_seq_params`, Megatron-Core's THD format, batch 1; see
 `megatron_v4.packing`): the projections run over the whole row at positions that restart at
 every document start; the compressors, the indexer (and its loss) and the softmax then run
 document by document, so windows, compressed entries and the indexer's candidates never reach
 into another document and no token pays for another document's length. Under context
-parallelism too: cu_seqlens describe the whole row, and each document that overlaps this rank's
-chunk gets its queries on the chunk, its window keys from the halo, and its entries and indexer
-keys compressed from the document's start in the gathered prefix.
+parallelism too: cu_seqlens describe the whole row; each rank compresses, document by document,
+the entries whose window ends in its chunk (counted from the document's start), the gathered
+entries of the row are in document order, and a document's queries read its window keys from the
+chunk and the halo (never before the document's start) and its own entries complete so far.
 
 Decoding: with an `inference_context` (`megatron_v4.inference.DeepSeekV4InferenceContext`)
 the first forward of a sequence is the ordinary computation above and also keeps the
@@ -116,7 +117,12 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_v4.compressor import build_replicated_linear
 from megatron_v4.config import CSA, SLIDING, DeepSeekV4TransformerConfig
-from megatron_v4.context_parallel import context_parallel_group, gather_chunks
+from megatron_v4.context_parallel import (
+    KeepInBackward,
+    context_parallel_group,
+    gather_entries,
+    preceding_rows,
+)
 from megatron_v4.decode_state import AttentionDecodeState
 from megatron_v4.indexer_loss import IndexerLossAutoScaler, IndexerLossTracker
 from megatron_v4.packing import document_positions, document_spans
@@ -291,6 +297,9 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             self.indexer = build_module(
                 submodules.indexer, config=full_sequence_config, tp_group=self.tp_group
             )
+        # Context parallelism: the tokens before its chunk a rank reads, for the window's keys and for
+        # the entries whose pooled tokens straddle the chunk's start.
+        self.halo = max(self.window - 1, 0 if self.compressor is None else self.compressor.span - 1)
         # CSA layers attend to the indexer's picks, unless in the dense phase.
         self.topk_attention = self.indexer is not None and not config.csa_dense_attention
         self.rotary = DeepSeekV4RotaryEmbedding(config, compressed=self.compress_ratio != SLIDING)
@@ -360,15 +369,6 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
         query = self.linear_q_up_proj(q_compressed)[0].view(seq_len, batch, self.local_heads, self.head_dim)
         query = apply_rotary(per_head_rms_normalize(query, self.config.layernorm_epsilon), head_cos, head_sin)
 
-        # The key side: this chunk, or under context parallelism every token up to its end; window keys
-        # for the chunk and the window - 1 rows before it.
-        key_states, key_positions = self._key_prefix(hidden_states, positions)
-        window_start = max(chunk_start - (self.window - 1), 0)
-        window_cos, window_sin = self.rotary(key_positions[window_start:])
-        key_value = self.kv_layernorm(self.linear_kv(key_states[window_start:])[0])
-        key_value = apply_rotary(key_value, window_cos, window_sin)
-        key_value = copy_to_tensor_model_parallel_region(key_value, group=self.tp_group)
-
         # Only while autograd records: not in evaluation, nor in the no-grad first pass of a recomputed layer.
         indexer_loss_on = (
             self.indexer is not None
@@ -376,10 +376,30 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             and self.training
             and torch.is_grad_enabled()
         )
+        # The key side: this chunk and, under context parallelism, the `halo` tokens before it (never
+        # concatenated with the chunk: each is projected on its own).
+        halo_states = preceding_rows(hidden_states, self.halo, self.cp_group)
+        # Window keys for the chunk and the window - 1 rows before it.
+        window_start = max(chunk_start - (self.window - 1), 0)
+        window_halo = halo_states[halo_states.shape[0] - (chunk_start - window_start) :]
+        window_positions = torch.cat((preceding_rows(positions, self.window - 1, self.cp_group), positions))
+        window_cos, window_sin = self.rotary(window_positions)
+        key_value = torch.cat((self.linear_kv(window_halo)[0], self.linear_kv(hidden_states)[0]))
+        key_value = apply_rotary(self.kv_layernorm(key_value), window_cos, window_sin)
+        key_value = copy_to_tensor_model_parallel_region(key_value, group=self.tp_group)
+        entries, index_keys = self._compressed_entries(hidden_states, halo_states, documents, chunk_start, indexer_loss_on)
+
         outputs, indexer_kl = [], []
+        entry_offset = 0  # the document's first entry in `entries` (all documents' entries, in row order)
         for document_start, document_end in documents:
-            # The document's queries on this rank, and the document's tokens up to the last of them.
-            query_start, query_end = max(document_start, chunk_start), min(document_end, key_states.shape[0])
+            # The document's queries on this rank, and its entries complete before the last of them.
+            query_start, query_end = max(document_start, chunk_start), min(document_end, chunk_start + seq_len)
+            document_entries = document_keys = None
+            if entries is not None:
+                visible = slice(entry_offset, entry_offset + max(query_end - document_start, 0) // self.compress_ratio)
+                entry_offset += (document_end - document_start) // self.compress_ratio
+                document_entries = entries[visible]
+                document_keys = None if index_keys is None else index_keys[visible]
             if query_start >= query_end:
                 continue
             rows = slice(query_start - chunk_start, query_end - chunk_start)
@@ -388,7 +408,8 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
                 q_compressed[rows],
                 query[rows],
                 key_value[max(document_start, window_start) - window_start : query_end - window_start],
-                key_states[document_start:query_end],
+                document_entries,
+                document_keys,
                 positions[rows],
                 indexer_loss_on,
                 inference_context,
@@ -396,7 +417,13 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             outputs.append(output)
             if kl is not None:
                 indexer_kl.append(kl)
-        output, bias = self._project_output(torch.cat(outputs), head_cos, head_sin)
+        output = torch.cat(outputs)
+        if cp > 1:
+            # Every rank takes part in the backward of both exchanges, in the same order: the entries'
+            # all-gather (tied to the output here) before the halo's (tied to the entries it feeds).
+            exchanged = entries if entries is not None and entries.requires_grad else halo_states
+            output = KeepInBackward.apply(output, exchanged)
+        output, bias = self._project_output(output, head_cos, head_sin)
         if indexer_kl:
             # Per token of the whole row (gathered under sequence parallelism): every tensor-parallel
             # rank holds the same loss and back-propagates it into its own indexer heads. Under context
@@ -406,39 +433,92 @@ class DeepSeekV4HybridSelfAttention(MegatronModule):
             output = IndexerLossAutoScaler.apply(output, loss)
         return output, bias
 
-    def _key_prefix(self, hidden_states, positions):
-        """The inputs and positions of the tokens this rank's queries may read: its own chunk, or under
-        context parallelism every token from the row start to the end of its chunk.
+    def _compressed_entries(self, hidden_states, halo_states, documents, chunk_start: int, indexer_loss_on: bool):
+        """The compressed entries and indexer keys of every document of the row, concatenated in row
+        order ([entries, b, c] and [entries, b, c_I]; None where the layer has none), from this rank's
+        chunk hidden_states and the halo_states just before it.
 
-        The all-gather's backward reduce-scatters: each rank's chunk collects the gradient that every
-        rank's keys, compressors and indexer send to it."""
-        if self.cp_group.size() == 1:
-            return hidden_states, positions
-        end = (self.cp_group.rank() + 1) * hidden_states.shape[0]
-        sequence = gather_from_sequence_parallel_region(
-            hidden_states, tensor_parallel_output_grad=True, group=self.cp_group
-        )
-        return sequence[:end], gather_chunks(positions, 0, self.cp_group)[:end]
+        Each rank compresses the entries whose window ends in its chunk (an entry straddling the chunk's
+        start reads the halo), then all ranks' entries are all-gathered: s / m rows per layer, where
+        the window keys and queries stay on their chunk."""
+        if self.compressor is None:
+            return None, None
+        chunk_length, batch, _ = hidden_states.shape
+        halo_start = chunk_start - halo_states.shape[0]
+        with_index_keys = self.topk_attention or indexer_loss_on
+        entries, index_keys = [], []
+        for document_start, document_end in documents:
+            first, end = self._entry_range(document_start, document_end, chunk_start, chunk_start + chunk_length)
+            if end <= first:
+                continue
+            # An entry pools the `span` tokens ending at its window's last token.
+            input_start = max(document_start + (first + 1) * self.compress_ratio - self.compressor.span, document_start)
+            input_end = document_start + end * self.compress_ratio
+            blocks = [
+                halo_states[input_start - halo_start : max(chunk_start, input_start) - halo_start],
+                hidden_states[max(input_start - chunk_start, 0) : input_end - chunk_start],
+            ]
+            entries.append(self.compressor(blocks, first))
+            if with_index_keys:
+                # Detached: the indexer's keys get gradient from the indexer loss alone.
+                index_keys.append(self.indexer.compressor([block.detach() for block in blocks], first))
+        entries = torch.cat(entries) if entries else hidden_states.new_zeros(0, batch, self.head_dim)
+        if with_index_keys:
+            index_width = self.indexer.compressor.head_dim
+            index_keys = torch.cat(index_keys) if index_keys else hidden_states.new_zeros(0, batch, index_width)
+            if not indexer_loss_on:
+                index_keys = index_keys.detach()
+        else:
+            index_keys = None
+        counts = self._entries_per_rank(documents, chunk_length)
+        if self.cp_group.size() > 1 and max(counts) > 0:
+            # One all-gather for both: their backward reduce-scatters then run in the same order on every rank.
+            exchanged = entries if index_keys is None else torch.cat((entries, index_keys), dim=-1)
+            exchanged = gather_entries(KeepInBackward.apply(exchanged, halo_states), counts, self.cp_group)
+            if index_keys is None:
+                entries = exchanged
+            else:
+                entries, index_keys = exchanged.split((self.head_dim, index_width), dim=-1)
+        return copy_to_tensor_model_parallel_region(entries, group=self.tp_group), index_keys
+
+    def _entries_per_rank(self, documents, chunk_length: int) -> list[int]:
+        """How many entries each CP rank compresses (the same list on every rank)."""
+        counts = []
+        for rank in range(self.cp_group.size()):
+            chunk = (rank * chunk_length, (rank + 1) * chunk_length)
+            counts.append(sum(max(end - first, 0) for first, end in (self._entry_range(*d, *chunk) for d in documents)))
+        return counts
+
+    def _entry_range(self, document_start: int, document_end: int, chunk_start: int, chunk_end: int):
+        """Ids [first, end) of the document's entries whose window ends in the chunk [chunk_start, chunk_end)
+        (entry w ends at the document's token (w + 1) * m - 1; count of entries ending before p: (p - start) // m)."""
+        first = max(chunk_start - document_start, 0) // self.compress_ratio
+        end = max(min(document_end, chunk_end) - document_start, 0) // self.compress_ratio
+        return first, end
 
     def _attend_document(
-        self, hidden_states, q_compressed, query, key_value, document_states, positions, indexer_loss_on, context
+        self,
+        hidden_states,
+        q_compressed,
+        query,
+        key_value,
+        entries,
+        index_keys,
+        positions,
+        indexer_loss_on,
+        context,
     ):
-        """Compressors, indexer and attention of one document (of a packed row, or the whole row) for its
-        queries on this rank, whose projections are done: hidden_states, q_compressed, query and
-        positions are the queries' rows, the last rows of key_value (window keys) and of
-        document_states (the document's inputs from its start). Returns the attention output
-        [s, b, H_local, c] and the indexer's summed KL (None when the indexer loss is off or there are
-        no entries)."""
-        entries = picks = index_keys = None
-        if self.compressor is not None:
-            entries = copy_to_tensor_model_parallel_region(self.compressor(document_states), group=self.tp_group)
-        if self.topk_attention or indexer_loss_on:
-            # Detached: the indexer's keys get gradient from the indexer loss alone.
-            index_keys = self.indexer.compressor(document_states.detach())
+        """Indexer and attention of one document (of a packed row, or the whole row) for its queries on
+        this rank, whose projections are done: hidden_states, q_compressed, query and positions are the
+        queries' rows, the last rows of key_value (window keys); entries and index_keys are the document's
+        entries complete before its last query here. Returns the attention output [s, b, H_local, c] and
+        the indexer's summed KL (None when the indexer loss is off or there are no entries)."""
+        picks = None
         if self.topk_attention:
             picks = self.indexer(hidden_states, q_compressed, positions, index_keys)
         if context is not None:
-            self._start_decode(context, document_states, positions, key_value, entries, index_keys)
+            # Decoding runs without context parallelism: the queries' rows are the whole document.
+            self._start_decode(context, hidden_states, positions, key_value, entries, index_keys)
 
         output, teacher_mass = self._attend(query, key_value, entries, picks, positions, indexer_loss_on)
         if teacher_mass is None:

@@ -15,7 +15,10 @@ halves of window w-1 and the B halves of window w (window 0 has no A slots).
 
 Only complete windows emit entries: a sequence of s tokens gives s // m
 entries, and query t may see entry w only when w < (t + 1) // m (the caller
-applies that rule).
+applies that rule). An entry pools the `span` = 2m (CSA) or m (HCA) tokens ending
+at its window's last token, so a caller holding only later entries' tokens (a
+context-parallel chunk, `first_entry` > 0) passes them from window first_entry - 1
+(CSA) or first_entry (HCA) on.
 
 The layer's attention owns one compressor of width head_dim; a CSA layer's
 lightning indexer owns a second one of width index_head_dim.
@@ -96,8 +99,12 @@ def build_replicated_linear(spec, config: DeepSeekV4TransformerConfig, input_siz
 class DeepSeekV4Compressor(MegatronModule):
     """Pools every `compress_ratio` tokens into one entry of width `head_dim`.
 
-    forward(hidden_states [s, b, D]) -> entries [s // m, b, head_dim], in the
-    input's dtype. The pooling runs in float32 (as the reference does).
+    forward(hidden_states [s, b, D], first_entry=0) -> entries first_entry, first_entry + 1, ...
+    [n, b, head_dim] of the complete windows, in the input's dtype; hidden_states start at the
+    first token those entries pool (window first_entry, or first_entry - 1 for CSA when
+    first_entry > 0), and may come as consecutive row blocks (a context-parallel rank's halo and
+    chunk), projected block by block so that they are never concatenated. The pooling runs in
+    float32 (as the reference does).
     """
 
     def __init__(
@@ -116,6 +123,8 @@ class DeepSeekV4Compressor(MegatronModule):
         self.compress_ratio = compress_ratio
         self.head_dim = head_dim
         self.overlapping = compress_ratio == CSA
+        # Tokens one entry pools: its window, and for CSA the window before it.
+        self.span = (2 if self.overlapping else 1) * compress_ratio
         pooled_width = (2 if self.overlapping else 1) * head_dim
         self.linear_kv = build_replicated_linear(
             submodules.linear_kv, config, config.hidden_size, pooled_width, "compressor_kv"
@@ -130,22 +139,29 @@ class DeepSeekV4Compressor(MegatronModule):
         )
         self.rotary = DeepSeekV4RotaryEmbedding(config, compressed=True)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        seq_len, batch, _ = hidden_states.shape
-        num_entries = seq_len // self.compress_ratio
-        if num_entries == 0:
-            return hidden_states.new_zeros(0, batch, self.head_dim)
-        complete = hidden_states[: num_entries * self.compress_ratio]
-        values = self.linear_kv(complete)[0].float()
-        gates = self.linear_gate(complete)[0].float()
+    def forward(self, hidden_states: torch.Tensor | list[torch.Tensor], first_entry: int = 0) -> torch.Tensor:
+        blocks = [hidden_states] if isinstance(hidden_states, torch.Tensor) else hidden_states
+        batch, dtype = blocks[0].shape[1], blocks[0].dtype
+        # CSA from a later entry on: the first window only lends its A halves to the next entry.
+        predecessor = 1 if self.overlapping and first_entry > 0 else 0
+        num_entries = sum(block.shape[0] for block in blocks) // self.compress_ratio
+        if num_entries <= predecessor:
+            return blocks[0].new_zeros(0, batch, self.head_dim)
+        complete, remaining = [], num_entries * self.compress_ratio
+        for block in blocks:
+            complete.append(block[:remaining])
+            remaining -= complete[-1].shape[0]
+        values = torch.cat([self.linear_kv(block)[0] for block in complete]).float()
+        gates = torch.cat([self.linear_gate(block)[0] for block in complete]).float()
         # [entry, slot in window, batch, channels]; ape is indexed by the slot.
         values = values.unflatten(0, (num_entries, self.compress_ratio))
         gates = gates.unflatten(0, (num_entries, self.compress_ratio)) + self.ape.unsqueeze(1)
         if self.overlapping:
             values, gates = self._overlapping_slots(values, gates)
-        pooled = (values * gates.softmax(dim=1)).sum(dim=1)
-        entries = self.norm(pooled.to(hidden_states.dtype))
-        positions = torch.arange(num_entries, device=hidden_states.device) * self.compress_ratio
+        pooled = (values[predecessor:] * gates[predecessor:].softmax(dim=1)).sum(dim=1)
+        entries = self.norm(pooled.to(dtype))
+        entry_ids = torch.arange(first_entry, first_entry + num_entries - predecessor, device=pooled.device)
+        positions = entry_ids * self.compress_ratio
         cos, sin = self.rotary(positions)
         return apply_rotary(entries, cos.unsqueeze(1), sin.unsqueeze(1))
 

@@ -7,8 +7,9 @@ layers, plus t / 128 entries in HCA layers), so the zigzag split Megatron-Core's
 window and compressed entries rely on the chunk being one run of consecutive tokens.
 
 Everything per token (embedding, hyper-connections, MoE and hash routing, norms, output layer, loss)
-runs on the local chunk unchanged; the attention gathers the key side (see
-`megatron_v4.attention`); MTP's shift by one token reads the next rank's first token (`roll_left`).
+runs on the local chunk unchanged; the attention exchanges only small pieces of its key side (see
+`megatron_v4.attention`): the rows just before the chunk (`preceding_rows`) and every rank's compressed
+entries (`gather_entries`); MTP's shift by one token reads the next rank's first token (`roll_left`).
 
 Losses: Megatron-Core's DDP averages gradients over the data-parallel-with-context group, i.e. divides
 by the CP size too, while the ranks' losses add up to the sequence's loss. Each rank therefore scales
@@ -21,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 
 def context_parallel_group(pg_collection=None) -> dist.ProcessGroup:
@@ -75,3 +77,44 @@ def roll_left(
     if boundary_mask is not None:
         rolled = rolled * boundary_mask.to(rolled.dtype)
     return rolled
+
+
+def preceding_rows(tensor: torch.Tensor, rows: int, cp_group: dist.ProcessGroup) -> torch.Tensor:
+    """The `rows` rows of the sequence just before this rank's chunk along dim 0 (fewer near the sequence
+    start, none on the first rank), with autograd: an all-gather of every rank's last min(rows, chunk)
+    rows (a chunk shorter than `rows` lends all of itself, and the rows come from several ranks), whose
+    backward reduce-scatters each row's gradient back to the rank that owns it."""
+    if cp_group.size() == 1 or rows == 0:
+        return tensor[:0]
+    tail = min(rows, tensor.shape[0])
+    tails = gather_from_sequence_parallel_region(tensor[-tail:], tensor_parallel_output_grad=True, group=cp_group)
+    earlier = tails[: cp_group.rank() * tail]
+    return earlier[max(earlier.shape[0] - rows, 0) :]
+
+
+def gather_entries(local: torch.Tensor, counts: list[int], cp_group: dist.ProcessGroup) -> torch.Tensor:
+    """Every rank's rows along dim 0 in rank order, with autograd: local [counts[rank], ...] ->
+    [sum(counts), ...]. The ranks' rows are padded to the longest for the all-gather; its backward
+    reduce-scatters, so each rank's rows collect the gradient every rank sends them."""
+    if cp_group.size() == 1:
+        return local
+    longest = max(counts)
+    padded = torch.cat((local, local.new_zeros(longest - local.shape[0], *local.shape[1:])))
+    gathered = gather_from_sequence_parallel_region(padded, tensor_parallel_output_grad=True, group=cp_group)
+    return torch.cat([gathered[rank * longest : rank * longest + count] for rank, count in enumerate(counts)])
+
+
+class KeepInBackward(torch.autograd.Function):
+    """Identity on `tensor` that puts `others` into its graph (their gradient from here is zero).
+
+    A rank whose own queries read none of a gathered tensor (a first chunk before the first HCA entry)
+    would otherwise skip that gather's backward reduce-scatter, which the other ranks wait in."""
+
+    @staticmethod
+    def forward(ctx, tensor, *others):
+        ctx.shapes = [(other.shape, other.dtype, other.device) for other in others]
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes))

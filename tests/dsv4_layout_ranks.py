@@ -20,6 +20,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
 import megatron_v4
@@ -28,7 +29,7 @@ from megatron_v4.context_parallel import local_chunk
 from megatron_v4.indexer_loss import IndexerLossTracker
 from megatron_v4.model import DeepSeekV4Model, pipeline_micro_batch_size
 from megatron_v4.packing import document_loss_mask, packed_seq_params
-from megatron_v4.specs import get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
+from megatron_v4.specs import get_dsv4_attention_spec, get_dsv4_decoder_block_spec, get_dsv4_mtp_block_spec
 from layout_slicing import dsv4_global_name, shard, unshard
 
 VOCAB, SEQ, GLOBAL_BATCH, STEPS = 64, 132, 4, 3
@@ -314,5 +315,31 @@ def load_checkpoint(layout_kwargs: dict, directory: str) -> dict:
                 tensor.zero_()
         model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), directory))
         return gather([model])
+    finally:
+        megatron_v4.destroy()
+
+
+def csa_layer_saved_bytes(cp: int, length: int, overrides: dict) -> int:
+    """Bytes autograd keeps (parameters aside, each storage once) for one CSA attention layer's training
+    forward on this rank's chunk of a `length`-token sequence at context parallelism `cp`."""
+    torch.manual_seed(0)
+    layout = megatron_v4.initialize(cp=cp)
+    try:
+        config = tiny_config(layout, num_layers=1, compress_ratios=[4], num_hash_layers=0, **overrides)
+        layer = build_module(get_dsv4_attention_spec(use_te=False), config=config, layer_number=1)
+        parameters = {parameter.untyped_storage().data_ptr() for parameter in layer.parameters()}
+        # Cloned: the chunk of a contiguous tensor is a view that would count the whole sequence's storage.
+        hidden = local_chunk(torch.randn(length, 1, config.hidden_size), 0, layer.cp_group).clone().requires_grad_()
+        saved = {}
+
+        def keep(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            layer(hidden)
+        return sum(saved.values())
     finally:
         megatron_v4.destroy()

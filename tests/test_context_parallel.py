@@ -68,3 +68,15 @@ def test_context_parallel_trains_like_one_rank(references, tag):
         )
         print(f"[{label}] indexer losses relative diff {indexer:.1e}")
         assert indexer <= 1e-5
+
+
+def test_context_parallel_memory_falls_with_cp():
+    """What one CSA layer keeps for the backward per rank (tiny dims, 2048 tokens, indexer loss on) at
+    CP=2 is at most 0.6x of CP=1: no rank holds the whole sequence's input or compresses the whole
+    prefix (gathering the input made the last rank keep more than at CP=1)."""
+    # A model width above the attention's (4 heads of 16) as in DeepSeek-V4 (7168 vs 128 heads of 512 / tp).
+    length, config = 2048, dict(INDEXER_LOSS, hidden_size=256)
+    (one_rank,) = run_on_ranks(ranks.csa_layer_saved_bytes, 1, 1, length, config, timeout=120)
+    per_rank = run_on_ranks(ranks.csa_layer_saved_bytes, 2, 2, length, config, timeout=120)
+    print(f"saved bytes: one rank {one_rank}, per rank at CP=2 {per_rank}")
+    assert max(per_rank) <= 0.6 * one_rank
