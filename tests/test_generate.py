@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from transformers import DeepseekV4ForCausalLM
+from transformers import AutoTokenizer, DeepseekV4ForCausalLM
 
 import megatron_v4
 from bridge import AutoBridge, make_tiny_checkpoint
@@ -68,7 +68,10 @@ def test_cli_greedy_tokens_and_prefill_logits_match_transformers(checkpoint, ref
         "--json", str(json_file), "--save-logits", str(logits_file),
     ])
     written = json.loads(json_file.read_text())
-    assert written == {"tokens": transformers_greedy(reference, prompt), "text": None}
+    tokens = transformers_greedy(reference, prompt)
+    # the tiny checkpoint ships a tokenizer: the CLI decodes with it
+    text = AutoTokenizer.from_pretrained(checkpoint).decode(tokens, skip_special_tokens=True)
+    assert written == {"tokens": tokens, "text": text}
 
     with torch.no_grad():
         expected = reference(prompt).logits[0]
