@@ -207,11 +207,14 @@ def _exact_dtype(scale: torch.Tensor, fmt: SourceFormat, dtype: torch.dtype) -> 
     return dtype if fits else torch.float32
 
 
-def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """values * per-block scales (in place, through a block view where the blocks tile the tensor)."""
+def _scale_blocks(values: torch.Tensor, scales: torch.Tensor, block: tuple[int, int], in_place: bool = True):
+    """values * per-block scales (through a block view where the blocks tile the tensor; in place unless
+    `in_place` is False)."""
     rows, cols = values.shape
     if rows % block[0] == 0 and cols % block[1] == 0:
         blocks = values.view(rows // block[0], block[0], cols // block[1], block[1])
+        if not in_place:
+            return (blocks * scales[:, None, :, None]).view(rows, cols)
         blocks.mul_(scales[:, None, :, None])
         return values
     return values * _expand(scales, block, (rows, cols))
@@ -232,13 +235,14 @@ def dequantise(weight: torch.Tensor, scale: torch.Tensor, fmt: SourceFormat, dty
 
 # --- quantise ---------------------------------------------------------------------------------------
 @functools.cache
-def _fp4_bf16_tables() -> tuple[torch.Tensor, torch.Tensor]:
-    """For every bf16 bit pattern (offset by 32768): its nearest e2m1 code, and whether that code is exact."""
-    patterns = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+def _fp4_bf16_table() -> torch.Tensor:
+    """For every bf16 bit pattern (read as unsigned): its nearest e2m1 code, plus 16 when that code is not
+    exact (one lookup gives both)."""
+    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.uint16).view(torch.bfloat16)
     values = torch.nan_to_num(patterns.to(torch.float32), nan=0.0)
     codes = fp4_encode(values)
     exact = _same_bits(FP4_VALUES[codes.long()].to(torch.bfloat16), patterns)
-    return codes, exact
+    return codes + 16 * (~exact).to(torch.uint8)
 
 
 def _codes_under(weight: torch.Tensor, scale: torch.Tensor, fmt: SourceFormat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,15 +254,15 @@ def _codes_under(weight: torch.Tensor, scale: torch.Tensor, fmt: SourceFormat) -
     """
     shape = tuple(weight.shape)
     if scale.dtype == E8M0:
-        scaled = _scale_blocks(weight.clone(), (1 / scale_values(scale)).to(weight.dtype), fmt.block)
+        scaled = _scale_blocks(weight, (1 / scale_values(scale)).to(weight.dtype), fmt.block, in_place=False)
         if fmt.quant == FP8:
-            codes = scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            codes = scaled.clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
             return codes, _same_bits(codes.to(weight.dtype), scaled)
         if weight.dtype == torch.bfloat16:
-            table_codes, table_exact = _fp4_bf16_tables()
-            index = (scaled.view(torch.int16).to(torch.int32) + 32768).reshape(-1)
-            codes = torch.index_select(table_codes, 0, index).view(shape)
-            return codes, torch.index_select(table_exact, 0, index).view(shape)
+            index = scaled.view(torch.uint16).reshape(-1).to(torch.int32)
+            del scaled
+            looked_up = torch.index_select(_fp4_bf16_table(), 0, index).view(shape)
+            return looked_up & 15, looked_up < 16
         codes = fp4_encode(scaled)
         return codes, _same_bits(FP4_VALUES[codes.long()].to(weight.dtype), scaled)
     per_element = _expand(scale_values(scale), fmt.block, shape)
