@@ -40,6 +40,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
@@ -273,7 +274,13 @@ def write_checkpoint(
 
     planner = _LazySavePlanner(owner_of, sharding, order, materialise, on_written)
     writer = _StreamingWriter(out_dir, workers)
-    dcp.save(pyt_state_dict, storage_writer=writer, planner=planner, no_dist=True)
+    try:
+        dcp.save(pyt_state_dict, storage_writer=writer, planner=planner, no_dist=True)
+    except CheckpointException as e:
+        # DCP wraps whatever its one rank raised, Ctrl-C included: raise that itself, so that an interrupt
+        # stays a KeyboardInterrupt and a full disk an OSError naming the file
+        (raised, _), *_ = e.failures.values()
+        raise raised from None
     strategy = TorchDistSaveShardedStrategy()
     save_config(CheckpointingConfig(strategy.backend, strategy.version), out_dir)
 

@@ -135,18 +135,35 @@ def test_help_answers_without_importing_torch(argv):
     assert float(seconds) < 1.0
 
 
-def test_ctrl_c_during_an_import_write_leaves_one_line_and_nothing(tmp_path):
-    from bridge.tiny import make_tiny_checkpoint, tiny_config
+# `python -m bridge ...` whose first tensor write marks a file and then lasts 2 s: the test's Ctrl-C lands
+# inside the write phase however fast the machine converts.
+HELD_WRITE_IMPORT = """
+import pathlib, sys, time
+from bridge import mcore_checkpoint
+from bridge.cli import main
+marker = pathlib.Path(sys.argv[1])
+write_job = mcore_checkpoint._StreamingWriter._write_job
+def held(*args):
+    if not marker.exists():
+        marker.touch()
+        time.sleep(2)
+    return write_job(*args)
+mcore_checkpoint._StreamingWriter._write_job = staticmethod(held)
+sys.exit(main(sys.argv[2:]))
+"""
 
-    # Big enough (about 0.5 GB of fp32 experts) that the write phase lasts long enough to interrupt.
-    cfg = tiny_config(hidden_size=512, num_routed_experts=64, moe_intermediate_size=512)
-    make_tiny_checkpoint(tmp_path / "hf", seed=0, cfg=cfg, with_mtp=False)
+
+def test_ctrl_c_during_an_import_write_leaves_one_line_and_nothing(tmp_path):
+    from bridge.tiny import make_tiny_checkpoint
+
+    make_tiny_checkpoint(tmp_path / "hf", seed=0, with_mtp=False)
+    marker = tmp_path / "writing"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([PYTHON, "-m", "bridge", "import", "--hf", str(tmp_path / "hf"), "--out",
-                                str(tmp_path / "mcore"), "--quiet"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen([PYTHON, "-c", HELD_WRITE_IMPORT, str(marker), "import", "--hf", str(tmp_path / "hf"),
+                                "--out", str(tmp_path / "mcore"), "--quiet"], cwd=ROOT, env=env,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not any(name.startswith(".mcore.partial-") for name in os.listdir(tmp_path)):
+    while not marker.exists():
         assert process.poll() is None and time.monotonic() < deadline, "the import never started writing"
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)
@@ -155,4 +172,4 @@ def test_ctrl_c_during_an_import_write_leaves_one_line_and_nothing(tmp_path):
     print(f"interrupted import: exit {process.returncode}, {lines}")
     assert process.returncode == 130
     assert lines == ["error: interrupted; no output was written"]
-    assert sorted(os.listdir(tmp_path)) == ["hf"]
+    assert sorted(os.listdir(tmp_path)) == ["hf", "writing"]
