@@ -107,13 +107,14 @@ def _crafted_metadata(mcore):
 
 
 def _flip_a_bit(mcore):
-    """One bit in the middle of the largest tensor record of `__0_0.distcp` (its data dominates the record;
-    the zip's alignment padding elsewhere holds nothing a flip could damage)."""
-    records = [info for info in mcore_checkpoint.read_metadata(mcore).storage_data.values() if info.relative_path == "__0_0.distcp"]
-    largest = max(records, key=lambda info: info.length)
-    data = bytearray((mcore / "__0_0.distcp").read_bytes())
-    data[largest.offset + largest.length // 2] ^= 1
-    (mcore / "__0_0.distcp").write_bytes(data)
+    """One bit in the middle of the word embedding's record (its data dominates the record; export and verify
+    both read it, whichever worker's `.distcp` file holds it)."""
+    index, info = next((index, info) for index, info in mcore_checkpoint.read_metadata(mcore).storage_data.items()
+                       if index.fqn.endswith("word_embeddings.weight"))
+    path = mcore / info.relative_path
+    data = bytearray(path.read_bytes())
+    data[info.offset + info.length // 2] ^= 1
+    path.write_bytes(data)
 
 
 def _edit_record(path: str):

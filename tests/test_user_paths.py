@@ -138,7 +138,10 @@ def test_help_answers_without_importing_torch(argv):
 # `python -m bridge ...` whose first tensor write marks a file and then lasts 2 s: the test's Ctrl-C lands
 # inside the write phase however fast the machine converts.
 HELD_WRITE_IMPORT = """
-import pathlib, sys, time
+import pathlib, signal, sys, time
+# Ctrl-C as in a terminal, even where this test runs in the background (a shell ignores SIGINT there, and
+# the ignoring is inherited)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from bridge import mcore_checkpoint
 from bridge.cli import main
 marker = pathlib.Path(sys.argv[1])
