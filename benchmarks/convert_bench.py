@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import torch
 
 from bridge.workers import default_workers
 from megatron_v4.runtime.command_line import ArgumentParser, UsageError, run_main
+from megatron_v4.runtime.memory import peak_resident_bytes
 
 GB = 1e9
 SOURCES = ("fp8-fp4", "bf16")
@@ -133,15 +133,6 @@ def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
-def _peak_rss() -> int:
-    """This process's peak resident memory in bytes (VmHWM: unlike ru_maxrss, not inherited across exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _child(argv: list[str]) -> None:
     """Run one CLI command in this process; print its wall time and peak RSS as JSON."""
     begin = time.perf_counter()
@@ -152,7 +143,7 @@ def _child(argv: list[str]) -> None:
     start = time.perf_counter()
     code = main(argv + ["--quiet"])
     seconds = time.perf_counter() - start
-    peak_rss = _peak_rss()
+    peak_rss = peak_resident_bytes()
     print(json.dumps({"code": code, "seconds": seconds, "startup": start - begin, "peak_rss": peak_rss}))
 
 
@@ -237,9 +228,10 @@ def main() -> int:
         mcore_gb = _dir_bytes(mcore) / GB
         largest = max(_numel(s) * 2 for s, _ in _official_shapes(_flash_config(made["experts"], quantised)).values())
         largest /= GB
+        page_cache = ("dropped before each step" if cold
+                      else "kept (dropping it needs root): sources may be read from memory")
         print(f"cp -r + sync : {source_gb:.2f} GB in {cp_seconds:.1f} s = {source_gb / cp_seconds:.2f} GB/s; "
-              f"conversions with {args.workers or default_workers()} worker(s); page cache "
-              f"{'dropped before each step' if cold else 'kept (dropping it needs root): sources may be read from memory'}")
+              f"conversions with {args.workers or default_workers()} worker(s); page cache {page_cache}")
         for label, result, written in (("import", imported, mcore_gb), ("export", export, _dir_bytes(exported) / GB)):
             print(f"{label:13s}: {source_gb:.2f} GB source -> {written:.2f} GB written in {result['seconds']:.1f} s"
                   f" = {source_gb / result['seconds']:.2f} GB/s of source, {written / result['seconds']:.2f} GB/s "

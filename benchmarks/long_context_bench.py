@@ -36,6 +36,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4Atten
 import megatron_v4
 from megatron_v4.config import DeepSeekV4TransformerConfig
 from megatron_v4.context_parallel import local_chunk
+from megatron_v4.runtime.memory import status_kib
 from megatron_v4.runtime.ranks import run_on_ranks
 from megatron_v4.specs import get_dsv4_attention_spec
 
@@ -46,11 +47,10 @@ TRANSFORMERS_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 1
 
 
 def resident_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    kib = status_kib(field)
+    if kib is None:
+        raise RuntimeError(f"{field} not in /proc/self/status: this benchmark needs Linux")
+    return kib
 
 
 def measure(step: Callable[[], None]) -> tuple[float, float]:

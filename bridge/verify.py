@@ -52,6 +52,7 @@ from bridge.mcore_checkpoint import (
 )
 from bridge.reference_decoding import decode
 from megatron_v4.runtime.command_line import UsageError
+from megatron_v4.runtime.memory import peak_resident_bytes
 from megatron_v4.specs import get_dsv4_decoder_block_spec
 
 DEFAULT_RTOL = 1e-2  # bridge/cli.py's --rtol help repeats it
@@ -108,15 +109,6 @@ class VerifyReport:
             self.min_cosine >= min_cosine and self.argmax_agreement >= min_argmax
         )
         return not self.failures(rtol) and logits_ok
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (VmHWM, which unlike ru_maxrss is not inherited across exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _layer_groups(layer: int) -> dict[str, str]:
@@ -433,5 +425,5 @@ def verify(
             report.argmax_agreement = (
                 (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
             )
-    report.peak_rss_bytes = peak_rss_bytes()
+    report.peak_rss_bytes = peak_resident_bytes()
     return report

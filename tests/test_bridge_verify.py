@@ -112,14 +112,11 @@ PEAK_CHILD = """
 import json, sys
 import bridge.verify  # the libraries' start-up: torch, Megatron-Core, transformers
 from bridge.cli import main
+from megatron_v4.runtime.memory import peak_resident_bytes
 
-def high_water():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-start_up = high_water()
+start_up = peak_resident_bytes()
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "start_up": start_up, "peak": high_water()}))
+print(json.dumps({"code": code, "start_up": start_up, "peak": peak_resident_bytes()}))
 """
 
 
