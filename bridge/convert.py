@@ -241,7 +241,7 @@ class _ScaleShards:
 
 # --- a world of one rank ----------------------------------------------------------------------------
 @contextlib.contextmanager
-def _single_rank():
+def single_rank():
     """Megatron-Core's parallel state for one rank: the caller's (if it is one rank) or a fresh one."""
     ps = parallel_state
     if ps.model_parallel_is_initialized():
@@ -296,7 +296,7 @@ def import_checkpoint(
     source = HFSource(hf_dir)
     _check_config_against_headers(source)
     mtp_num_layers = carried_mtp_layers(source.config, source.names())
-    with _single_rank():
+    with single_rank():
         sharded, sharding, expert_form = _meta_model(source.config, dtype, mtp_num_layers)
         plan = ConversionPlan(expert_form, {name: stored.format for name, stored in source.tensors.items()})
         tensors = _import_plan(source, sharding, plan)
@@ -526,7 +526,7 @@ def export_checkpoint(
     carried = _record_tensors(mcore_dir, CARRIED_DIR)
     prefix = NAMINGS[record.naming].prefix
     report = ExportReport(len(record.tensors), 0, 0.0)
-    with _single_rank():
+    with single_rank():
         sharded, sharding, _ = _meta_model(config, getattr(torch, record.dtype), record.mtp_num_layers)
         plan = ConversionPlan(record.expert_form)
         forms, announced = {}, []

@@ -40,7 +40,7 @@ from transformers.models.deepseek_v4.modeling_deepseek_v4 import (
 )
 
 from bridge.checkpoint_dirs import RECORD_DIR, resolve_checkpoint
-from bridge.convert import READ_GROUP_BYTES, _single_rank
+from bridge.convert import READ_GROUP_BYTES, single_rank
 from bridge.hf_config import read_hf_config, transformer_config, transformers_config
 from bridge.hf_naming import TRANSFORMERS_MODULE, TRANSLATORS
 from bridge.hf_source import HFSource
@@ -332,7 +332,7 @@ def verify(
     )
     position_ids = torch.arange(seq_len).unsqueeze(0)
     start = time.monotonic()
-    with _single_rank(), torch.no_grad():
+    with single_rank(), torch.no_grad():
         ours = MegatronSide(resolve_checkpoint(mcore_dir, iteration))
         embedded = reference.embed(input_ids)
         got = ours.embed(input_ids, position_ids.expand_as(input_ids))
